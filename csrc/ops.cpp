@@ -1,0 +1,24 @@
+// The keydistill operator library: one schema per op, declared once here.
+// Device kernels register themselves with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu
+// (CUDA); fake (meta) kernels and autograd are registered from Python (keydistill/ops/_library.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(keydistill, m) {
+  // x [N,H,d], keys [H,K,d] -> (index int64 [N,H], sqdist float32 [N,H]); ties to the lowest k.
+  m.def("nearest_key(Tensor x, Tensor keys) -> (Tensor, Tensor)");
+  // In-place EMA codebook update (VQ-VAE with Laplace smoothing) of float32 state.
+  m.def(
+      "ema_update_(Tensor(a!) keys, Tensor(b!) cluster_size, Tensor(c!) embed_sum, Tensor x, Tensor index, "
+      "float decay, float eps, bool deterministic) -> ()");
+  // Per-row T^2*KL(softmax(t/T)||softmax(s/T)) as float32 [N] and, if compute_grad, its gradient w.r.t.
+  // student [N,V] (student's dtype; else an empty tensor). Rows with mask[n]==false give 0 loss and 0 grad.
+  m.def("kd_loss_fwd(Tensor student, Tensor teacher, float temperature, Tensor? mask, bool compute_grad) -> (Tensor, Tensor)");
+}
+
+// `import keydistill._C` runs the static registrations above; the module itself has no Python methods,
+// which keeps pybind11 (and torch/extension.h) out of the build.
+PyMODINIT_FUNC PyInit__C(void) {  // PyMODINIT_FUNC: exported despite -fvisibility=hidden
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "keydistill operator library", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,64 @@
+"""The three hot-path ops of the key bottleneck, each with a `backend` switch.
+
+- nearest_key(x, keys) -> (index, sqdist): per-head nearest codebook key.
+- ema_update_(keys, cluster_size, embed_sum, x, index, decay=..., eps=...): EMA codebook update, in place.
+- kd_loss(student_logits, teacher_logits, temperature=..., mask=..., reduction=...): T^2 * KL distillation.
+
+backend is "auto" (fastest available for the tensors' device), "cuda", "triton", "cpp" or "torch".
+All validation happens here, once, before any backend runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from keydistill.ops import _checks, reference
+from keydistill.ops._backends import BackendUnavailable, backends, resolve, implementation
+
+__all__ = ["nearest_key", "ema_update_", "kd_loss", "backends", "BackendUnavailable", "reference"]
+
+
+def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, backend: str = "auto"):
+    """For x [N, H, d] and keys [H, K, d]: (index int64 [N, H], sqdist float32 [N, H]).
+
+    index[n, h] minimises ||x[n, h] - keys[h, k]||^2 over k (ties to the lowest k); sqdist is that distance,
+    accumulated in float32. No backend materialises all N x K distances at once (the torch fallback works
+    in chunks of at most reference.NEAREST_KEY_CHUNK_BYTES).
+    """
+    _checks.check_nearest_key(x, keys)
+    impl = implementation(resolve("nearest_key", backend, x.device))
+    with torch.no_grad():  # a discrete choice: no gradient flows through it
+        return impl.nearest_key(x, keys)
+
+
+def ema_update_(keys, cluster_size, embed_sum, x, index, *, decay: float, eps: float = 1e-5,
+                deterministic: bool | None = None, backend: str = "auto") -> None:
+    """EMA update of a codebook from the rows x [N, H, d] assigned to keys by index [N, H], in place.
+
+    State (keys [H, K, d], cluster_size [H, K], embed_sum [H, K, d]) is float32. Counts and sums are exact.
+    deterministic=None follows torch.are_deterministic_algorithms_enabled(); True forces a fixed
+    summation order on backends that otherwise accumulate with atomics.
+    """
+    _checks.check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    name = resolve("ema_update_", backend, keys.device)
+    with torch.no_grad():  # keys follow the data, never gradients
+        if name == "torch":
+            reference.ema_update_(keys, cluster_size, embed_sum, x, index.long(), decay=float(decay), eps=float(eps))
+        else:
+            implementation(name).ema_update_(keys, cluster_size, embed_sum, x, index, float(decay), float(eps), bool(deterministic))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+            mask: torch.Tensor | None = None, reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) per row, reduced.
+
+    reduction: "batchmean" (sum over included rows / their number), "sum", or "none" ([N], 0 for
+    masked-out rows). Differentiable w.r.t. student_logits only; the teacher is a constant.
+    """
+    _checks.check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction)
+    name = resolve("kd_loss", backend, student_logits.device)
+    if name == "torch":
+        return reference.kd_loss(student_logits, teacher_logits, temperature=float(temperature), mask=mask, reduction=reduction)
+    rows = implementation(name).kd_loss_rows(student_logits, teacher_logits.detach(), float(temperature), mask)
+    return reference.reduce_rows(rows, mask, reduction)

@@ -1,0 +1,112 @@
+"""The one place that knows which backends exist and picks one per call.
+
+Backends: "cuda" (C++/CUDA kernels in keydistill._C), "triton" (keydistill.ops.triton), "cpp"
+(C++ CPU kernels in keydistill._C) and "torch" (keydistill.ops.reference, always there).
+`auto` takes the first available backend of the device's preference list and never fails; an explicit
+request for a missing backend raises BackendUnavailable saying why and how to get it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+ALL = ("cuda", "triton", "cpp", "torch")
+
+# Preference per device type for `auto`. On CUDA the order is per op, from benchmarks/gpu_check.py
+# (update it from that script's table). The Triton interpreter (CPU) is exact but slow: never automatic.
+AUTO_ORDER = {
+    "cpu": {"nearest_key": ("cpp", "torch"), "ema_update_": ("cpp", "torch"), "kd_loss": ("cpp", "torch")},
+    "cuda": {
+        "nearest_key": ("cuda", "triton", "torch"),
+        "ema_update_": ("cuda", "triton", "torch"),
+        "kd_loss": ("triton", "cuda", "torch"),
+    },
+}
+# Which device types each backend runs on.
+DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpp": ("cpu",), "torch": None}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and how to get it."""
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """(module or None, reason) for the compiled extension keydistill._C."""
+    try:
+        from keydistill.ops import _library  # noqa: F401  (loads _C and registers fake kernels + autograd)
+        return _library, ""
+    except (ImportError, OSError) as err:  # no compiler at install time, or a broken build
+        return None, f"keydistill._C could not be loaded ({err}); reinstall with `pip install -e . --no-build-isolation` on a machine with a C++ compiler"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    try:
+        module = importlib.import_module("keydistill.ops.triton")
+        return module, ""
+    except ImportError as err:
+        return None, f"Triton is not importable ({err}); `pip install triton`"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str, device_type: str | None = None) -> str:
+    """Empty string when `backend` can run (on `device_type`, if given); otherwise the reason."""
+    if backend not in ALL:
+        return f"unknown backend {backend!r}; choose one of {('auto',) + ALL}"
+    if device_type is not None and DEVICES[backend] is not None and device_type not in DEVICES[backend]:
+        return f"backend {backend!r} runs on {'/'.join(DEVICES[backend])} tensors, not {device_type}"
+    if backend == "torch":
+        return ""
+    if backend == "cpp":
+        return _extension()[1]
+    if backend == "cuda":
+        ext, reason = _extension()
+        if ext is None:
+            return reason
+        if not ext.has_cuda_kernels():
+            return "keydistill._C was built without CUDA kernels; rebuild with a CUDA build of torch and nvcc on the PATH (and KEYDISTILL_SKIP_CUDA unset)"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return ""
+    # triton
+    module, reason = _triton()
+    if module is None:
+        return reason
+    if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
+        if not _interpreting():
+            return "Triton needs a CUDA device; on the CPU set TRITON_INTERPRET=1 (exact but slow)"
+    return ""
+
+
+def backends() -> list[str]:
+    """The backends available on this machine, fastest first."""
+    return [b for b in ALL if not why_unavailable(b)]
+
+
+def implementation(backend: str):
+    """The module that implements `backend` (nearest_key, ema_update_, kd_loss_rows)."""
+    if backend == "torch":
+        from keydistill.ops import reference
+        return reference
+    if backend in ("cpp", "cuda"):
+        return _extension()[0]
+    return _triton()[0]
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that will run `op` on tensors on `device` for a request of `backend`."""
+    device_type = device.type
+    if backend == "auto":
+        order = AUTO_ORDER.get(device_type, {}).get(op, ("torch",))
+        return next(b for b in order if not why_unavailable(b, device_type))
+    reason = why_unavailable(backend, device_type)
+    if reason:
+        raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
+    return backend

@@ -1,0 +1,97 @@
+"""Input validation shared by every backend: one place, run before dispatch.
+
+Every failure raises TypeError (wrong type/dtype/device) or ValueError (wrong shape/value) naming the
+argument and the reason, so no backend ever sees input it could crash or return garbage on.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The public ops take these; the reference module also takes float64 (it is the test oracle).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STATE_DTYPE = torch.float32
+REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def tensor(name: str, t, *, ndim: int | None = None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def same_device(**named):
+    items = list(named.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t is not None and t.device != first.device:
+            raise TypeError(f"{name} is on {t.device} but {first_name} is on {first.device}; move both to one device")
+
+
+def check_nearest_key(x, keys):
+    tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    tensor("keys", keys, ndim=3, dtypes=FLOAT_DTYPES)
+    same_device(x=x, keys=keys)
+    if keys.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"keys must have x's dtype ({x.dtype}) or float32, got {keys.dtype}")
+    if x.shape[1] != keys.shape[0]:
+        raise ValueError(f"x has H={x.shape[1]} heads (shape {tuple(x.shape)}) but keys has H={keys.shape[0]} (shape {tuple(keys.shape)})")
+    if x.shape[2] != keys.shape[2]:
+        raise ValueError(f"x has d={x.shape[2]} (shape {tuple(x.shape)}) but keys has d={keys.shape[2]} (shape {tuple(keys.shape)})")
+    if keys.shape[1] == 0:
+        raise ValueError("keys must hold at least one key per head (K >= 1), got K=0")
+
+
+def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
+    for name, t in (("keys", keys), ("embed_sum", embed_sum)):
+        tensor(name, t, ndim=3, dtypes=(STATE_DTYPE,))
+    tensor("cluster_size", cluster_size, ndim=2, dtypes=(STATE_DTYPE,))
+    tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    tensor("index", index, ndim=2, dtypes=(torch.int64, torch.int32))
+    same_device(keys=keys, cluster_size=cluster_size, embed_sum=embed_sum, x=x, index=index)
+    h, k, d = keys.shape
+    if tuple(embed_sum.shape) != (h, k, d):
+        raise ValueError(f"embed_sum must have keys' shape {(h, k, d)}, got {tuple(embed_sum.shape)}")
+    if tuple(cluster_size.shape) != (h, k):
+        raise ValueError(f"cluster_size must have shape {(h, k)} (H, K), got {tuple(cluster_size.shape)}")
+    if x.shape[1:] != (h, d):
+        raise ValueError(f"x must have shape [N, {h}, {d}] to match keys {(h, k, d)}, got {tuple(x.shape)}")
+    if tuple(index.shape) != (x.shape[0], h):
+        raise ValueError(f"index must have shape {(x.shape[0], h)} (N, H), got {tuple(index.shape)}")
+    for name, t in (("keys", keys), ("cluster_size", cluster_size), ("embed_sum", embed_sum)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is updated in place and must be contiguous")
+    if not isinstance(decay, (int, float)) or not (0.0 <= decay < 1.0):
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+    if not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if index.numel():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"index holds values in [{lo}, {hi}], outside [0, K={k})")
+
+
+def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
+    tensor("student_logits", student_logits, ndim=2, dtypes=FLOAT_DTYPES)
+    tensor("teacher_logits", teacher_logits, ndim=2, dtypes=FLOAT_DTYPES)
+    same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have one shape [N, V]")
+    if student_logits.shape[1] < 1:
+        raise ValueError("logits must have V >= 1 classes")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    if mask is not None:
+        tensor("mask", mask, ndim=1, dtypes=(torch.bool,))
+        if mask.shape[0] != student_logits.shape[0]:
+            raise ValueError(f"mask must have shape [N={student_logits.shape[0]}], got {tuple(mask.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -1,0 +1,71 @@
+"""The compiled operator library keydistill._C, made composable from Python.
+
+Importing this module loads _C (whose static initialisers register the schemas and the CPU/CUDA kernels),
+then registers fake (meta) kernels and autograd so the ops work under torch.compile and pass
+torch.library.opcheck. It exposes the backend interface used by keydistill.ops: nearest_key,
+ema_update_, kd_loss_rows. The dispatcher picks the CPU or CUDA kernel from the tensors' device.
+"""
+from __future__ import annotations
+
+import torch
+
+from keydistill import _C  # noqa: F401  (registers torch.ops.keydistill.*)
+
+OPS = ("nearest_key", "ema_update_", "kd_loss_fwd")
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"keydistill::{op}", dispatch_key)
+
+
+def has_cuda_kernels() -> bool:
+    """True when _C was built with CUDA kernels for every op."""
+    return all(has_kernel(op, "CUDA") for op in OPS)
+
+
+# ---- fake kernels: output metadata only, for torch.compile / FakeTensor tracing -------------------------
+@torch.library.register_fake("keydistill::nearest_key")
+def _nearest_key_fake(x, keys):
+    n, h = x.shape[0], x.shape[1]
+    return x.new_empty((n, h), dtype=torch.int64), x.new_empty((n, h), dtype=torch.float32)
+
+
+@torch.library.register_fake("keydistill::ema_update_")
+def _ema_update_fake(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic):
+    return None
+
+
+@torch.library.register_fake("keydistill::kd_loss_fwd")
+def _kd_loss_fwd_fake(student, teacher, temperature, mask, compute_grad):
+    grad_shape = student.shape if compute_grad else (0,)
+    return student.new_empty((student.shape[0],), dtype=torch.float32), student.new_empty(grad_shape)
+
+
+# ---- autograd: the gradient was computed in the forward pass; backward only scales it per row -----------
+def _kd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _kd_backward(ctx, grad_rows, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad_rows.numel() != 0:
+        raise RuntimeError("kd_loss_fwd was called with compute_grad=False; call it with True to differentiate")
+    return grad * grad_rows.unsqueeze(1).to(grad.dtype), None, None, None, None
+
+
+torch.library.register_autograd("keydistill::kd_loss_fwd", _kd_backward, setup_context=_kd_setup_context)
+
+
+# ---- backend interface used by keydistill.ops --------------------------------------------------------------
+def nearest_key(x, keys):
+    return torch.ops.keydistill.nearest_key(x, keys)
+
+
+def ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic):
+    torch.ops.keydistill.ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic)
+
+
+def kd_loss_rows(student, teacher, temperature, mask):
+    """Per-row losses [N] (float32), differentiable w.r.t. student through the fused gradient."""
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    return torch.ops.keydistill.kd_loss_fwd(student, teacher, temperature, mask, compute_grad)[0]

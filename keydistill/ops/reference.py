@@ -1,0 +1,118 @@
+"""Plain-PyTorch implementations of the three hot-path ops.
+
+These are first-class code, not an afterthought: they are the `torch` backend (the fallback that runs
+everywhere) and, evaluated in float64, the oracle every compiled kernel is tested against.
+Inputs are assumed validated by `keydistill.ops._checks`.
+"""
+from __future__ import annotations
+
+import torch
+
+# The torch fallback of nearest_key materialises one [chunk, H, K] distance block at a time; its extra
+# memory is bounded by NEAREST_KEY_CHUNK_BYTES (64 MiB) plus O(N*H) for the outputs, whatever N is.
+NEAREST_KEY_CHUNK_BYTES = 64 * 2**20
+
+
+def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, chunk_bytes: int = NEAREST_KEY_CHUNK_BYTES):
+    """Index of the nearest key per (row, head) and its squared distance.
+
+    x: [N, H, d]; keys: [H, K, d]. Returns (index int64 [N, H], sqdist float32 [N, H]); ties go to the
+    lowest k. Float64 inputs are computed in float64 (the test oracle); everything else in float32.
+
+    Candidates are ranked with ||k||^2 - 2 x.k (one batched matmul per chunk); the winner's distance is
+    then recomputed directly as sum((x - k)^2), so sqdist carries no cancellation error.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, h, d = x.shape
+    k = keys.shape[1]
+    keys_c = keys.to(compute)
+    index = torch.empty((n, h), dtype=torch.int64, device=x.device)
+    sqdist = torch.empty((n, h), dtype=compute, device=x.device)  # float32, or float64 for the oracle
+    if n == 0:
+        return index, sqdist
+    key_sq = keys_c.pow(2).sum(-1)  # [H, K], once per call
+    elem = torch.finfo(compute).bits // 8
+    chunk = max(1, min(n, chunk_bytes // max(1, h * k * elem)))
+    for start in range(0, n, chunk):
+        xc = x[start:start + chunk].to(compute).transpose(0, 1)  # [H, c, d]
+        # scores[h, c, k] = ||k||^2 - 2 x.k  (||x||^2 is constant per row, so it does not change the argmin)
+        scores = torch.baddbmm(key_sq.unsqueeze(1), xc, keys_c.transpose(1, 2), alpha=-2.0)
+        idx = scores.argmin(-1)  # first minimum: ties go to the lowest k
+        chosen = torch.gather(keys_c, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # [H, c, d]
+        index[start:start + chunk] = idx.transpose(0, 1)
+        sqdist[start:start + chunk] = (xc - chosen).pow(2).sum(-1).transpose(0, 1).to(sqdist.dtype)
+    return index, sqdist
+
+
+def nearest_key_exact(x: torch.Tensor, keys: torch.Tensor):
+    """All-pairs float64 distances by direct differences: the test oracle for nearest_key.
+
+    Returns the full [N, H, K] float64 distance tensor; use only at test shapes.
+    """
+    diff = x.double().unsqueeze(2) - keys.double().unsqueeze(0)  # [N, H, K, d]
+    return diff.pow(2).sum(-1)
+
+
+def cluster_stats(x: torch.Tensor, index: torch.Tensor, num_keys: int):
+    """Per-key counts [H, K] and sums [H, K, d] of the rows assigned to each key (float32, or float64 for float64 x).
+
+    One flattened index_add_ for each: head h, key k lives at h*K + k.
+    """
+    n, h, d = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = (index + torch.arange(h, device=x.device) * num_keys).reshape(-1)
+    counts = torch.zeros(h * num_keys, dtype=acc, device=x.device)
+    counts.index_add_(0, flat, torch.ones(flat.numel(), dtype=acc, device=x.device))
+    sums = torch.zeros(h * num_keys, d, dtype=acc, device=x.device)
+    sums.index_add_(0, flat, x.reshape(-1, d).to(acc))
+    return counts.view(h, num_keys), sums.view(h, num_keys, d)
+
+
+def ema_update_(keys, cluster_size, embed_sum, x, index, *, decay: float, eps: float = 1e-5) -> None:
+    """VQ-VAE EMA codebook update with Laplace smoothing, in place on (keys, cluster_size, embed_sum).
+
+    cluster_size <- decay*cluster_size + (1-decay)*counts;  embed_sum <- decay*embed_sum + (1-decay)*sums;
+    keys <- embed_sum / ((cluster_size + eps) / (n_h + K*eps) * n_h), with n_h = sum_k cluster_size[h, k].
+    Means, not sums: a key is the smoothed average of the vectors assigned to it.
+    """
+    num_keys = keys.shape[1]
+    counts, sums = cluster_stats(x, index, num_keys)
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
+    embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1 - decay)
+    keys.copy_(embed_sum / smoothed_cluster_size(cluster_size, eps).unsqueeze(-1))
+
+
+def smoothed_cluster_size(cluster_size: torch.Tensor, eps: float) -> torch.Tensor:
+    """Laplace smoothing: (c + eps) / (n + K*eps) * n per head, so no key ever divides by zero."""
+    n = cluster_size.sum(-1, keepdim=True)
+    return (cluster_size + eps) / (n + cluster_size.shape[-1] * eps) * n
+
+
+def kd_loss_rows(student_logits, teacher_logits, temperature: float):
+    """Per-row T^2 * KL(softmax(t/T) || softmax(s/T)), computed in float32 (float64 for float64 input)."""
+    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_p_s = torch.log_softmax(student_logits.to(compute) / temperature, dim=-1)
+    log_p_t = torch.log_softmax(teacher_logits.to(compute) / temperature, dim=-1)
+    p_t = log_p_t.exp()
+    # Entries where p_t is exactly 0 contribute 0 (the limit of p log p), never 0 * -inf = nan.
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros((), dtype=compute, device=p_t.device)).sum(-1)
+    return kl * temperature**2
+
+
+def reduce_rows(rows: torch.Tensor, mask, reduction: str):
+    """Apply a kd_loss reduction to per-row losses; masked-out rows count for nothing."""
+    if mask is not None:
+        rows = torch.where(mask, rows, rows.new_zeros(()))
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    included = mask.sum() if mask is not None else rows.new_tensor(float(rows.shape[0]))
+    return total / included.clamp_min(1).to(total.dtype)
+
+
+def kd_loss(student_logits, teacher_logits, *, temperature: float = 1.0, mask=None, reduction: str = "batchmean"):
+    """Temperature-scaled distillation loss; differentiable w.r.t. student_logits only."""
+    rows = kd_loss_rows(student_logits, teacher_logits.detach(), temperature)
+    return reduce_rows(rows, mask, reduction)

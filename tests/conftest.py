@@ -1,0 +1,45 @@
+"""Shared test setup: which backends to test, and on which device.
+
+Every backend that should exist on this machine is tested, and a missing one fails its tests rather
+than skipping: cpp always (the build must produce keydistill._C), triton always (on the CPU through the
+interpreter, at small shapes), cuda whenever a GPU is present.
+"""
+import os
+
+import torch
+
+# The interpreter must be chosen before triton.jit decorates any kernel, i.e. before any import of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+KERNEL_BACKENDS = ["cpp", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's inputs live: the GPU for cuda (and triton when there is a GPU), else the CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS + ["torch"])
+def backend(request):
+    """Every backend, the torch fallback included."""
+    return request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    """Every compiled/JIT backend (not the torch fallback)."""
+    return request.param
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test, printed so a failure can be replayed."""
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    print(f"seed={s}")
+    return s
