@@ -3,6 +3,8 @@
 - nearest_key(x, keys) -> (index, sqdist): per-head nearest codebook key.
 - ema_update_(keys, cluster_size, embed_sum, x, index, decay=..., eps=...): EMA codebook update, in place.
 - kd_loss(student_logits, teacher_logits, temperature=..., mask=..., reduction=...): T^2 * KL distillation.
+- kd_loss_linear(student_hidden, student_weight, teacher_logits, ...): kd_loss of a linear head's logits,
+  chunked so the full [N, V] student logits never exist (vocabulary-level distillation).
 
 backend is "auto" (fastest available for the tensors' device), "cuda", "triton", "cpp" or "torch".
 All validation happens here, once, before any backend runs.
@@ -14,7 +16,7 @@ import torch
 from keydistill.ops import _checks, reference
 from keydistill.ops._backends import BackendUnavailable, backends, resolve, implementation
 
-__all__ = ["nearest_key", "ema_update_", "kd_loss", "backends", "BackendUnavailable", "reference"]
+__all__ = ["nearest_key", "ema_update_", "kd_loss", "kd_loss_linear", "backends", "BackendUnavailable", "reference"]
 
 
 def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, backend: str = "auto"):
@@ -62,3 +64,32 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         return reference.kd_loss(student_logits, teacher_logits, temperature=float(temperature), mask=mask, reduction=reduction)
     rows = implementation(name).kd_loss_rows(student_logits, teacher_logits.detach(), float(temperature), mask)
     return reference.reduce_rows(rows, mask, reduction)
+
+
+def kd_loss_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                   *, temperature: float = 1.0, student_bias: torch.Tensor | None = None,
+                   teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                   teacher_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   reduction: str = "batchmean", chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits) without the [N, V] logits.
+
+    student_hidden [N, h], student_weight [V, h], student_bias [V] (one dtype). The teacher is
+    teacher_logits [N, V], or teacher_hidden [N, h_t] @ teacher_weight.T [V, h_t] + teacher_bias, computed
+    chunk by chunk as well. Rows are processed chunk_size at a time (default: chunks of logits about as big
+    as student_hidden); each chunk's loss and logit gradient come from `backend`'s kd_loss kernel, and the
+    gradients w.r.t. student_hidden, student_weight and student_bias are accumulated during the forward
+    pass (Liger-Kernel's fused linear cross-entropy pattern). Differentiable w.r.t. the student only.
+
+    Peak extra memory, for chunk rows c and element size e (weight gradient kept in the weight's dtype):
+        fused   ~ 2*c*V*e (logits chunk + its gradient) + (N*h + V*h + V)*e (the gradients)
+        unfused ~ 2*N*V*e (logits + their gradient)      + (N*h + V*h + V)*e
+    At N=8192, h=768, V=30522, fp32 (c=256): fused ~ 0.18 GB against unfused ~ 2.1 GB (about 9%).
+    """
+    _checks.check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                                 teacher_weight, teacher_bias, temperature, mask, reduction, chunk_size)
+    name = resolve("kd_loss_linear", backend, student_hidden.device)
+    kd_rows = reference.kd_loss_rows_ignoring_mask if name == "torch" else implementation(name).kd_loss_rows
+    return reference.kd_loss_linear(
+        student_hidden, student_weight, teacher_logits, temperature=float(temperature), student_bias=student_bias,
+        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias, mask=mask,
+        reduction=reduction, chunk_size=chunk_size, kd_rows=kd_rows)

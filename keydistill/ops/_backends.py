@@ -18,11 +18,13 @@ ALL = ("cuda", "triton", "cpp", "torch")
 # Preference per device type for `auto`. On CUDA the order is per op, from benchmarks/gpu_check.py
 # (update it from that script's table). The Triton interpreter (CPU) is exact but slow: never automatic.
 AUTO_ORDER = {
-    "cpu": {"nearest_key": ("cpp", "torch"), "ema_update_": ("cpp", "torch"), "kd_loss": ("cpp", "torch")},
+    "cpu": {"nearest_key": ("cpp", "torch"), "ema_update_": ("cpp", "torch"), "kd_loss": ("cpp", "torch"),
+            "kd_loss_linear": ("cpp", "torch")},
     "cuda": {
         "nearest_key": ("cuda", "triton", "torch"),
         "ema_update_": ("cuda", "triton", "torch"),
         "kd_loss": ("triton", "cuda", "torch"),
+        "kd_loss_linear": ("triton", "cuda", "torch"),  # the per-chunk kd_loss backend
     },
 }
 # Which device types each backend runs on.
@@ -65,7 +67,10 @@ def why_unavailable(backend: str, device_type: str | None = None) -> str:
     if backend == "torch":
         return ""
     if backend == "cpp":
-        return _extension()[1]
+        ext, reason = _extension()
+        if ext is not None and not ext.has_cpu_kernels():
+            return "keydistill._C has no CPU kernels registered; rebuild with `pip install -e . --no-build-isolation`"
+        return reason
     if backend == "cuda":
         ext, reason = _extension()
         if ext is None:

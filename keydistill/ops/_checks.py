@@ -85,13 +85,60 @@ def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have one shape [N, V]")
     if student_logits.shape[1] < 1:
         raise ValueError("logits must have V >= 1 classes")
+    check_kd_options(student_logits.shape[0], temperature, mask, reduction)
+
+
+def check_kd_options(n_rows, temperature, mask, reduction):
+    """temperature, mask [n_rows] and reduction of kd_loss and kd_loss_linear."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     if mask is not None:
         tensor("mask", mask, ndim=1, dtypes=(torch.bool,))
-        if mask.shape[0] != student_logits.shape[0]:
-            raise ValueError(f"mask must have shape [N={student_logits.shape[0]}], got {tuple(mask.shape)}")
+        if mask.shape[0] != n_rows:
+            raise ValueError(f"mask must have shape [N={n_rows}], got {tuple(mask.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                         teacher_weight, teacher_bias, temperature, mask, reduction, chunk_size):
+    tensor("student_hidden", student_hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    n, h = student_hidden.shape
+    linear("student", student_weight, student_bias, student_hidden.dtype, h)
+    vocab = student_weight.shape[0]
+    if (teacher_logits is None) == (teacher_hidden is None and teacher_weight is None):
+        raise ValueError("give the teacher as teacher_logits, or as teacher_hidden and teacher_weight (not both)")
+    if teacher_logits is not None:
+        tensor("teacher_logits", teacher_logits, ndim=2, dtypes=FLOAT_DTYPES)
+        if tuple(teacher_logits.shape) != (n, vocab):
+            raise ValueError(f"teacher_logits must have shape [N={n}, V={vocab}], got {tuple(teacher_logits.shape)}")
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight must be given together")
+        tensor("teacher_hidden", teacher_hidden, ndim=2, dtypes=FLOAT_DTYPES)
+        if teacher_hidden.shape[0] != n:
+            raise ValueError(f"teacher_hidden must have N={n} rows like student_hidden, got {tuple(teacher_hidden.shape)}")
+        linear("teacher", teacher_weight, teacher_bias, teacher_hidden.dtype, teacher_hidden.shape[1])
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(f"teacher_weight must have V={vocab} rows like student_weight, got {tuple(teacher_weight.shape)}")
+    same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
+                teacher_logits=teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                teacher_bias=teacher_bias, mask=mask)
+    if vocab < 1:
+        raise ValueError("student_weight must have V >= 1 rows (classes)")
+    check_kd_options(n, temperature, mask, reduction)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def linear(who: str, weight, bias, dtype, in_features: int):
+    """A linear layer's weight [V, in_features] and optional bias [V], in the hidden states' dtype."""
+    tensor(f"{who}_weight", weight, ndim=2, dtypes=(dtype,))
+    if weight.shape[1] != in_features:
+        raise ValueError(f"{who}_weight must have shape [V, {in_features}] to match {who}_hidden, got {tuple(weight.shape)}")
+    if bias is not None:
+        tensor(f"{who}_bias", bias, ndim=1, dtypes=(dtype,))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{who}_bias must have shape [V={weight.shape[0]}], got {tuple(bias.shape)}")

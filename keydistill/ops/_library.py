@@ -18,6 +18,11 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"keydistill::{op}", dispatch_key)
 
 
+def has_cpu_kernels() -> bool:
+    """True when _C registered a CPU kernel for every op."""
+    return all(has_kernel(op, "CPU") for op in OPS)
+
+
 def has_cuda_kernels() -> bool:
     """True when _C was built with CUDA kernels for every op."""
     return all(has_kernel(op, "CUDA") for op in OPS)
@@ -42,15 +47,26 @@ def _kd_loss_fwd_fake(student, teacher, temperature, mask, compute_grad):
 
 
 # ---- autograd: the gradient was computed in the forward pass; backward only scales it per row -----------
+# Memory: the fused gradient is the op's only [N, V] buffer, and in eager mode backward scales it in place,
+# so forward + backward holds one [N, V] tensor. Hence no zero gradient is materialised for the second
+# output (it is not differentiable), and no reference to it is kept beyond the saved one, so autograd can
+# hand the scaled buffer to student.grad without a copy. The buffer is consumed by backward: a second
+# backward through the same graph (retain_graph=True) fails loudly on the saved tensor's version check.
 def _kd_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
 def _kd_backward(ctx, grad_rows, _grad_of_grad):
+    if grad_rows is None:  # only the (non-differentiable) gradient output was used
+        return None, None, None, None, None
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_rows.numel() != 0:
         raise RuntimeError("kd_loss_fwd was called with compute_grad=False; call it with True to differentiate")
-    return grad * grad_rows.unsqueeze(1).to(grad.dtype), None, None, None, None
+    scale = grad_rows.unsqueeze(1).to(grad.dtype)
+    # Eager: scale the saved gradient in place. Tracers (FakeTensor, FunctionalTensor: subclasses) get the
+    # out-of-place form, which AOT autograd can partition; their compiled graphs manage memory themselves.
+    return (grad.mul_(scale) if type(grad) is torch.Tensor else grad * scale), None, None, None, None
 
 
 torch.library.register_autograd("keydistill::kd_loss_fwd", _kd_backward, setup_context=_kd_setup_context)

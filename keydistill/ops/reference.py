@@ -6,6 +6,8 @@ Inputs are assumed validated by `keydistill.ops._checks`.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 # The torch fallback of nearest_key materialises one [chunk, H, K] distance block at a time; its extra
@@ -116,3 +118,124 @@ def kd_loss(student_logits, teacher_logits, *, temperature: float = 1.0, mask=No
     """Temperature-scaled distillation loss; differentiable w.r.t. student_logits only."""
     rows = kd_loss_rows(student_logits, teacher_logits.detach(), temperature)
     return reduce_rows(rows, mask, reduction)
+
+
+# ---- kd_loss_linear: vocabulary-level distillation without the full [N, V] student logits ----------------
+
+def kd_loss_linear_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
+    """Default rows per chunk: a chunk of logits holds about as many elements as the hidden states [N, h]
+    (Liger-Kernel's fused-linear-cross-entropy rule), rounded up to a power of two."""
+    chunks = max(1, -(-vocab // max(hidden, 1)))
+    rows = max(1, -(-n_rows // chunks))
+    return 1 << (rows - 1).bit_length()
+
+
+def kd_loss_rows_ignoring_mask(student_logits, teacher_logits, temperature: float, mask=None):
+    """kd_loss_rows with the backend interface's signature; the mask is applied by the caller."""
+    return kd_loss_rows(student_logits, teacher_logits, temperature)
+
+
+def kd_loss_linear(student_hidden, student_weight, teacher_logits=None, *, temperature: float = 1.0,
+                   student_bias=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None, mask=None,
+                   reduction: str = "batchmean", chunk_size: int | None = None,
+                   kd_rows=kd_loss_rows_ignoring_mask):
+    """kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits), computed chunk by chunk.
+
+    The teacher is teacher_logits [N, V], or teacher_hidden @ teacher_weight.T + teacher_bias (also chunked).
+    kd_rows(student_chunk, teacher_chunk, temperature, mask_chunk) -> [c] per-row losses, differentiable
+    w.r.t. the student chunk: reference maths here, or any backend's kd_loss_rows.
+    """
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.detach()  # the teacher is a constant
+
+        def teacher(rows):
+            return teacher_logits[rows]
+    else:
+        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+        teacher_bias = teacher_bias.detach() if teacher_bias is not None else None
+
+        def teacher(rows):
+            return torch.nn.functional.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+    n, h = student_hidden.shape
+    chunk = chunk_size or kd_loss_linear_chunk_rows(n, student_weight.shape[0], h)
+    spec = _LinearKDSpec(teacher, float(temperature), mask, reduction, chunk, kd_rows)
+    return _ChunkedLinearKD.apply(student_hidden, student_weight, student_bias, spec)
+
+
+class _LinearKDSpec(NamedTuple):
+    teacher: Callable[[slice], torch.Tensor]  # rows -> teacher logits of those rows
+    temperature: float
+    mask: torch.Tensor | None
+    reduction: str
+    chunk: int  # rows per chunk
+    kd_rows: Callable  # (student chunk, teacher chunk, temperature, mask chunk) -> [c] losses
+
+
+class _ChunkedLinearKD(torch.autograd.Function):
+    """Liger's fused-linear pattern: the gradients are computed in the forward pass, chunk by chunk, while
+    each logits chunk is at hand; backward only scales them by the scalar upstream gradient.
+    reduction="none" has a per-row upstream gradient, which the weight gradient cannot absorb after the
+    fact, so there the forward computes losses only and backward sweeps the chunks again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, spec: _LinearKDSpec):
+        ctx.spec, ctx.used = spec, False
+        if spec.reduction == "none":
+            rows, _ = _sweep(hidden, weight, bias, spec, row_scale=None)
+            ctx.save_for_backward(hidden, weight, bias)
+            return reduce_rows(rows, spec.mask, spec.reduction)
+        included = hidden.shape[0] if spec.mask is None else int(spec.mask.sum())
+        scale = 1.0 / max(included, 1) if spec.reduction == "batchmean" else 1.0
+        wants_grad = any(ctx.needs_input_grad[:3])
+        row_scale = torch.full((hidden.shape[0],), scale, dtype=torch.float32, device=hidden.device) if wants_grad else None
+        rows, grads = _sweep(hidden, weight, bias, spec, row_scale)
+        ctx.save_for_backward(*grads)
+        return reduce_rows(rows, spec.mask, spec.reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.spec.reduction == "none":
+            hidden, weight, bias = ctx.saved_tensors
+            _, grads = _sweep(hidden, weight, bias, ctx.spec, row_scale=grad_out.float())
+            return (*grads, None)
+        if ctx.used:  # the saved gradients were scaled in place by the first backward
+            raise RuntimeError("kd_loss_linear: backward through the same graph twice is not supported; recompute the loss")
+        ctx.used = True
+        grads = tuple(g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in ctx.saved_tensors)
+        return (*grads, None)
+
+
+def _sweep(hidden, weight, bias, spec, row_scale):
+    """Per-row losses [N] and, when row_scale [N] is given, the gradients of sum(row_scale * losses) w.r.t.
+    (hidden, weight, bias). Memory beyond the outputs: one [chunk, V] logits block and its gradient.
+    The weight gradient accumulates in the weight's dtype (as Liger does), the bias gradient in fp32."""
+    teacher, temperature, mask, _, chunk, kd_rows = spec
+    n = hidden.shape[0]
+    rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    grads = (None, None, None)
+    if row_scale is not None:
+        if mask is not None:
+            row_scale = torch.where(mask, row_scale, row_scale.new_zeros(()))
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        logits = torch.nn.functional.linear(hidden[part], weight, bias)
+        mask_part = mask[part] if mask is not None else None
+        if row_scale is None:
+            rows[part] = kd_rows(logits, teacher(part), temperature, mask_part)
+            continue
+        logits.requires_grad_(True)
+        with torch.enable_grad():
+            losses = kd_rows(logits, teacher(part), temperature, mask_part)
+        rows[part] = losses.detach()
+        (grad_logits,) = torch.autograd.grad(losses, logits, grad_outputs=row_scale[part])
+        del logits, losses  # free the logits chunk (and any graph) before the matmuls
+        torch.mm(grad_logits, weight, out=grad_hidden[part])
+        grad_weight.addmm_(grad_logits.t(), hidden[part])
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+    if row_scale is not None:
+        grads = (grad_hidden, grad_weight, grad_bias.to(bias.dtype) if grad_bias is not None else None)
+    return rows, grads

@@ -1,0 +1,26 @@
+// Run-time choice between the AVX2/FMA fast paths and the portable scalar paths of the CPU kernels.
+//
+// The fast paths are compiled per function with KD_AVX2 (a target attribute), never per file or with
+// -march=native, so one build runs everywhere: AVX2/FMA where the CPU has it (checked once, at run time),
+// plain C++ elsewhere (older x86, ARM).
+#pragma once
+
+#if defined(__x86_64__) || defined(__i386__)
+#define KEYDISTILL_X86 1
+#include <immintrin.h>
+#define KD_AVX2 __attribute__((target("avx2,fma")))
+#define KD_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#endif
+
+namespace keydistill::cpu {
+
+inline bool has_avx2_fma() {
+#ifdef KEYDISTILL_X86
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+}  // namespace keydistill::cpu

@@ -1,0 +1,190 @@
+// kd_loss_fwd on CUDA: per row, T^2 * KL(softmax(t/T) || softmax(s/T)) and its gradient T * (p_s - p_t).
+//
+// One block per row. The first sweep streams V once, keeping for student and teacher together an online
+// max and sum of exponentials, plus the teacher-weighted sum of (b - a); with a = s/T and b = t/T,
+//     KL = sum_i p_t,i (b_i - a_i) - lse(b) + lse(a),
+// so the loss needs no second look at the row. The gradient, which needs both final log-sum-exps, is a
+// second sweep over the same row, written in the student's dtype. Everything is fp32 in base 2 (exp2).
+// 1024 threads per block keep few rows in flight (at most two blocks per SM), so the second sweep mostly
+// re-reads the row from L2 rather than from device memory.
+#include "cuda/common.cuh"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace keydistill::cuda {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kUnroll = 4;  // loads in flight per thread and tensor
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Running statistics of a (part of a) row, in base-2 units: a = s*log2(e)/T, b = t*log2(e)/T.
+// A plain aggregate (no default member initialisers), so an array of it can live in shared memory.
+struct RowStats {
+  float max_a;
+  float sum_a;  // sum 2^(a - max_a)
+  float max_b;
+  float sum_b;  // sum 2^(b - max_b)
+  float cross;  // sum 2^(b - max_b) * (b - a)
+};
+
+__device__ __forceinline__ RowStats no_stats() { return {-INFINITY, 0.f, -INFINITY, 0.f, 0.f}; }
+
+// 2^x by the hardware's approximation (relative error about 2^-22, fp32-accurate): exp2f would add range
+// handling around the same instruction, and this kernel computes four of them per element.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The factor that moves a sum taken against old_max onto new_max (0 for an empty sum).
+__device__ __forceinline__ float rescale(float old_max, float new_max) {
+  return old_max == -INFINITY ? 0.f : fast_exp2(old_max - new_max);
+}
+
+__device__ __forceinline__ void add(RowStats& st, float a, float b) {
+  if (a > st.max_a) {
+    st.sum_a *= rescale(st.max_a, a);
+    st.max_a = a;
+  }
+  st.sum_a += fast_exp2(a - st.max_a);
+  if (b > st.max_b) {
+    const float f = rescale(st.max_b, b);
+    st.sum_b *= f;
+    st.cross *= f;
+    st.max_b = b;
+  }
+  const float w = fast_exp2(b - st.max_b);
+  st.sum_b += w;
+  st.cross = fmaf(w, b - a, st.cross);
+}
+
+__device__ __forceinline__ RowStats merge(const RowStats& x, const RowStats& y) {
+  RowStats out = no_stats();
+  out.max_a = fmaxf(x.max_a, y.max_a);
+  out.sum_a = x.sum_a * rescale(x.max_a, out.max_a) + y.sum_a * rescale(y.max_a, out.max_a);
+  out.max_b = fmaxf(x.max_b, y.max_b);
+  const float fx = rescale(x.max_b, out.max_b), fy = rescale(y.max_b, out.max_b);
+  out.sum_b = x.sum_b * fx + y.sum_b * fy;
+  out.cross = x.cross * fx + y.cross * fy;
+  return out;
+}
+
+__device__ __forceinline__ RowStats shfl_xor(const RowStats& st, int offset) {
+  RowStats out = no_stats();
+  out.max_a = __shfl_xor_sync(0xffffffffu, st.max_a, offset);
+  out.sum_a = __shfl_xor_sync(0xffffffffu, st.sum_a, offset);
+  out.max_b = __shfl_xor_sync(0xffffffffu, st.max_b, offset);
+  out.sum_b = __shfl_xor_sync(0xffffffffu, st.sum_b, offset);
+  out.cross = __shfl_xor_sync(0xffffffffu, st.cross, offset);
+  return out;
+}
+
+__device__ __forceinline__ RowStats warp_merge(RowStats st) {
+  for (int offset = 16; offset > 0; offset >>= 1) st = merge(st, shfl_xor(st, offset));
+  return st;
+}
+
+// The whole block's statistics, in every thread.
+__device__ __forceinline__ RowStats block_merge(RowStats st) {
+  __shared__ RowStats partial[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  st = warp_merge(st);
+  if (lane == 0) partial[warp] = st;
+  __syncthreads();
+  return warp_merge(lane < kThreads / 32 ? partial[lane] : no_stats());
+}
+
+template <typename s_t, typename t_t>
+__global__ void __launch_bounds__(kThreads)
+    kd_loss_kernel(const s_t* __restrict__ student, const t_t* __restrict__ teacher, const bool* __restrict__ mask,
+                   float* __restrict__ loss, s_t* __restrict__ grad, int64_t num_classes, float temperature) {
+  const int64_t row = blockIdx.x;
+  const s_t* s = student + row * num_classes;
+  const t_t* t = teacher + row * num_classes;
+  s_t* g = grad == nullptr ? nullptr : grad + row * num_classes;
+  if (mask != nullptr && !mask[row]) {  // an excluded row: 0 loss, 0 gradient
+    if (threadIdx.x == 0) loss[row] = 0.f;
+    if (g != nullptr) {
+      for (int64_t i = threadIdx.x; i < num_classes; i += kThreads) g[i] = from_float<s_t>(0.f);
+    }
+    return;
+  }
+  const float scale = kLog2e / temperature;
+
+  RowStats st = no_stats();
+  int64_t i = threadIdx.x;
+  for (; i + (kUnroll - 1) * kThreads < num_classes; i += kUnroll * kThreads) {
+    float a[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first, so they are in flight together
+      a[u] = to_float(s[i + u * kThreads]) * scale;
+      b[u] = to_float(t[i + u * kThreads]) * scale;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) add(st, a[u], b[u]);
+  }
+  for (; i < num_classes; i += kThreads) add(st, to_float(s[i]) * scale, to_float(t[i]) * scale);
+  st = block_merge(st);
+
+  // The base-2 log-sum-exps are max + log2(sum); max and log2(sum) stay apart so that large logits (where
+  // one ulp of max is coarse) lose nothing more in the differences below.
+  const float log_sum_a = log2f(st.sum_a), log_sum_b = log2f(st.sum_b);
+  if (threadIdx.x == 0) {
+    const float kl = st.cross / st.sum_b + (st.max_a - st.max_b) + (log_sum_a - log_sum_b);
+    loss[row] = temperature * temperature * kLn2 * kl;
+  }
+  if (g == nullptr) return;
+#pragma unroll kUnroll
+  for (int64_t j = threadIdx.x; j < num_classes; j += kThreads) {
+    const float p_s = fast_exp2((to_float(s[j]) * scale - st.max_a) - log_sum_a);
+    const float p_t = fast_exp2((to_float(t[j]) * scale - st.max_b) - log_sum_b);
+    g[j] = from_float<s_t>(temperature * (p_s - p_t));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                    double temperature, const std::optional<at::Tensor>& mask_in,
+                                                    bool compute_grad) {
+  check_cuda(student_in, "kd_loss_fwd", "student");
+  check_cuda(teacher_in, "kd_loss_fwd", "teacher");
+  if (mask_in.has_value()) check_cuda(*mask_in, "kd_loss_fwd", "mask");
+  const c10::cuda::CUDAGuard device_guard(student_in.device());
+  const at::Tensor student = student_in.contiguous();
+  const at::Tensor teacher = teacher_in.contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const int64_t rows = student.size(0), num_classes = student.size(1);
+  at::Tensor loss = at::empty({rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
+  if (rows == 0) return {loss, grad};
+  TORCH_CHECK(rows <= INT32_MAX, "keydistill::kd_loss_fwd (CUDA): too many rows");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool* mask_ptr = mask.defined() ? data<const bool>(mask) : nullptr;
+  dispatch_float(student.scalar_type(), "kd_loss_fwd", [&](auto s_type) {
+    using s_t = typename decltype(s_type)::type;
+    dispatch_float(teacher.scalar_type(), "kd_loss_fwd", [&](auto t_type) {
+      using t_t = typename decltype(t_type)::type;
+      kd_loss_kernel<s_t, t_t><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+          data<const s_t>(student), data<const t_t>(teacher), mask_ptr, data<float>(loss),
+          compute_grad ? data<s_t>(grad) : nullptr, num_classes, static_cast<float>(temperature));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+}  // namespace keydistill::cuda
+
+TORCH_LIBRARY_IMPL(keydistill, CUDA, m) {
+  m.impl("kd_loss_fwd", &keydistill::cuda::kd_loss_fwd_cuda);
+}

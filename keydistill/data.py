@@ -1,0 +1,321 @@
+"""GLUE data: the task table, local TSV and hub loading, `CustomDataset`, batching.
+
+Splits: "train" is GLUE's train minus a seeded held-out slice that becomes "val"; "test" is GLUE's labelled
+dev split (GLUE's own test labels are not public). MNLI has two test splits, matched and mismatched.
+
+Bad data raises `DataError` naming the file, line and column; the CLI prints it without a traceback.
+Bad rows are only ever skipped behind an explicit `skip_bad_rows=True`, and the count is returned.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+from sklearn import metrics as skm
+
+
+class DataError(Exception):
+    """Unusable input data; the message says where (file:line:column) and what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task table
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GlueTask:
+    name: str  # the --task name, also the hub config name
+    folder: str  # sub-folder in the GLUE TSV layout
+    text_columns: tuple[str, ...]  # one column: single sentences; two: sentence pairs
+    label_column: str
+    hub_text_columns: tuple[str, ...]  # the same columns' names in the hub dataset
+    # The label strings of the TSV files, in class-index order; empty for a regression task.
+    label_values: tuple[str, ...]
+    metrics: tuple[str, ...]  # the first one selects the best checkpoint
+    test_files: tuple[str, ...] = ("dev",)  # GLUE dev file(s), reported as test split(s)
+    hub_test_splits: tuple[str, ...] = ("validation",)
+    # Column names for files with no header row (CoLA); None when the first row is the header.
+    headerless_columns: tuple[str, ...] | None = None
+
+    @property
+    def num_labels(self) -> int:
+        """Classes, or 1 for a regression task."""
+        return len(self.label_values) or 1
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_values
+
+    @property
+    def test_splits(self) -> tuple[str, ...]:
+        """Names of the test splits: "test", or "test_matched" and "test_mismatched" for MNLI."""
+        if len(self.test_files) == 1:
+            return ("test",)
+        return tuple("test_" + f.split("_", 1)[1] for f in self.test_files)
+
+
+_BINARY = ("0", "1")
+_ENTAIL2 = ("entailment", "not_entailment")
+
+TASKS: dict[str, GlueTask] = {t.name: t for t in [
+    GlueTask("cola", "CoLA", ("sentence",), "label", ("sentence",), _BINARY, ("mcc", "accuracy"),
+             headerless_columns=("source", "label", "original_label", "sentence")),
+    GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), _BINARY, ("accuracy",)),
+    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"), _BINARY,
+             ("f1", "accuracy")),
+    GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("question1", "question2"), _BINARY,
+             ("accuracy", "f1")),
+    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", ("sentence1", "sentence2"), (),
+             ("pearson", "spearman")),
+    GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("premise", "hypothesis"),
+             ("entailment", "neutral", "contradiction"), ("accuracy",),
+             test_files=("dev_matched", "dev_mismatched"),
+             hub_test_splits=("validation_matched", "validation_mismatched")),
+    GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("question", "sentence"), _ENTAIL2, ("accuracy",)),
+    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _ENTAIL2, ("accuracy",)),
+    GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _BINARY, ("accuracy",)),
+]}
+
+
+def get_task(name: str) -> GlueTask:
+    try:
+        return TASKS[name.lower()]
+    except KeyError:
+        raise DataError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------
+
+def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's metrics. predictions: class indices, or scores for a regression task."""
+    funcs = {
+        "accuracy": lambda: skm.accuracy_score(labels, predictions),
+        "f1": lambda: skm.f1_score(labels, predictions),
+        "mcc": lambda: skm.matthews_corrcoef(labels, predictions),
+        "pearson": lambda: stats.pearsonr(predictions, labels)[0],
+        "spearman": lambda: stats.spearmanr(predictions, labels)[0],
+    }
+    # A constant prediction has no correlation (nan, with a warning); count it as 0 so model selection
+    # stays well-defined.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return {name: float(np.nan_to_num(funcs[name]())) for name in task.metrics}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+class Example(NamedTuple):
+    texts: tuple[str, ...]  # one sentence or a pair
+    label: float | int  # class index, or a score for regression
+
+
+@dataclass
+class TaskData:
+    task: GlueTask
+    train: list[Example]
+    val: list[Example]
+    test: dict[str, list[Example]]  # split name -> examples; the first is the primary test split
+    skipped_rows: int = 0  # bad rows dropped under skip_bad_rows=True
+
+
+@dataclass
+class _RowErrors:
+    """Raise on the first bad row, or count the bad rows when skipping is allowed."""
+    skip: bool
+    skipped: int = 0
+
+    def bad_row(self, message: str) -> None:
+        if not self.skip:
+            raise DataError(message + " (pass --skip-bad-rows to drop such rows and report their count)")
+        self.skipped += 1
+
+
+def _decoded_lines(path: str, errors: _RowErrors) -> Iterator[tuple[int, str | None]]:
+    """(1-based line number, text) per line; text is None for a line that is not valid UTF-8 and was skipped."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                errors.bad_row(f"{path}:{number}:{e.start + 1}: undecodable bytes (not UTF-8): {raw[e.start:e.end]!r}")
+                yield number, None
+
+
+def _parse_label(task: GlueTask, value: str, where: str) -> float | int:
+    if task.is_regression:
+        try:
+            return float(value)
+        except ValueError:
+            raise DataError(f"{where}: label {value!r} is not a number") from None
+    if value not in task.label_values:
+        raise DataError(f"{where}: label {value!r} is not in the label set {list(task.label_values)} of {task.name}")
+    return task.label_values.index(value)
+
+
+def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors) -> list[Example]:
+    """Examples from one GLUE TSV file. Quoting is off: GLUE sentences contain bare '"' characters."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (expected the GLUE TSV layout <data-dir>/{task.folder}/<split>.tsv)")
+    lines = _decoded_lines(path, errors)
+    header = task.headerless_columns
+    if header is None:
+        number, text = next(lines, (1, ""))
+        if text is None:
+            raise DataError(f"{path}:1: the header row is not valid UTF-8")
+        header = tuple(text.split("\t"))
+    wanted = (*task.text_columns, task.label_column)
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing column(s) {missing}; the header has {list(header)}")
+    positions = [header.index(c) for c in wanted]
+    examples = []
+    for number, text in lines:
+        if text is None:
+            continue  # an undecodable line, already counted as skipped
+        fields = next(csv.reader([text], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+        if len(fields) != len(header):
+            errors.bad_row(f"{path}:{number}:{len(fields)}: expected {len(header)} tab-separated fields, found {len(fields)}")
+            continue
+        *texts, label = (fields[p] for p in positions)
+        column = positions[-1] + 1
+        where = f"{path}:{number}:{column} (column {task.label_column!r})"
+        try:
+            examples.append(Example(tuple(texts), _parse_label(task, label, where)))
+        except DataError as e:
+            errors.bad_row(str(e))
+    if not examples:
+        raise DataError(f"{path}: no usable rows (empty split)")
+    return examples
+
+
+def load_local(task: GlueTask, data_dir: str, skip_bad_rows: bool = False):
+    """(train examples, {test split: examples}, skipped row count) from a folder in the GLUE TSV layout."""
+    errors = _RowErrors(skip_bad_rows)
+    folder = os.path.join(data_dir, task.folder)
+    train = read_glue_tsv(task, os.path.join(folder, "train.tsv"), errors)
+    test = {split: read_glue_tsv(task, os.path.join(folder, f + ".tsv"), errors)
+            for split, f in zip(task.test_splits, task.test_files)}
+    return train, test, errors.skipped
+
+
+def load_hub(task: GlueTask):
+    """(train examples, {test split: examples}, 0) from the hub dataset nyu-mll/glue through `datasets`."""
+    try:
+        import datasets
+        ds = datasets.load_dataset("nyu-mll/glue", task.name)
+    except Exception as e:  # offline, hub down, missing package: all mean "use local files"
+        raise DataError(f"could not load GLUE {task.name} from the hub ({type(e).__name__}: {e}); "
+                        f"pass --data-dir with a folder in the GLUE TSV layout") from None
+
+    def convert(split: str) -> list[Example]:
+        columns = [ds[split][c] for c in task.hub_text_columns]
+        return [Example(tuple(t), y) for *t, y in zip(*columns, ds[split]["label"])]
+
+    return convert("train"), {s: convert(h) for s, h in zip(task.test_splits, task.hub_test_splits)}, 0
+
+
+def load_task(task: GlueTask | str, data_dir: str | None = None, *, val_size: int = 1000, seed: int = 0,
+              max_train_samples: int | None = None, max_eval_samples: int | None = None,
+              skip_bad_rows: bool = False) -> TaskData:
+    """Load a GLUE task and split it: val is a seeded held-out slice of train, test is GLUE's dev split.
+
+    The val slice is drawn before max_train_samples caps train, so it never depends on the cap;
+    max_eval_samples caps val and every test split (the first rows, for reproducibility).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    train, test, skipped = load_local(task, data_dir, skip_bad_rows) if data_dir else load_hub(task)
+    if val_size >= len(train):
+        raise DataError(f"val_size={val_size} leaves no training rows: {task.name} train has {len(train)} rows")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    val = [train[i] for i in order[:val_size]]
+    train_end = None if max_train_samples is None else val_size + max_train_samples
+    train = [train[i] for i in order[val_size:train_end]]
+    cap = slice(max_eval_samples)
+    return TaskData(task, train, val[cap], {name: rows[cap] for name, rows in test.items()}, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset, batching
+# ----------------------------------------------------------------------------------------------------------
+
+class CustomDataset(torch.utils.data.Dataset):
+    """Tokenised examples: single sentences or pairs, truncated to max_length, tokenised once up front.
+
+    Each item is a dict of input_ids, token_type_ids, labels and index (the example's position, which keys
+    caches such as the teacher's logits).
+    """
+
+    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int, regression: bool = False):
+        columns = list(zip(*(e.texts for e in examples)))
+        encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+        self.input_ids = encoded["input_ids"]
+        self.token_type_ids = encoded.get("token_type_ids") or [[0] * len(ids) for ids in self.input_ids]
+        self.labels = torch.tensor([e.label for e in examples], dtype=torch.float32 if regression else torch.long)
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "token_type_ids": self.token_type_ids[i],
+                "labels": self.labels[i], "index": i}
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+@dataclass
+class Collator:
+    """Pads a batch to its longest sequence (dynamic padding) and adds the attention mask."""
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(it["input_ids"]) for it in items)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([it[key] + [value] * (width - len(it[key])) for it in items])
+
+        input_ids = pad("input_ids", self.pad_token_id)
+        lengths = torch.tensor([len(it["input_ids"]) for it in items])
+        return {"input_ids": input_ids,
+                "attention_mask": (torch.arange(width) < lengths.unsqueeze(1)).long(),
+                "token_type_ids": pad("token_type_ids", 0),
+                "labels": torch.stack([it["labels"] for it in items]),
+                "index": torch.tensor([it["index"] for it in items])}
+
+
+def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                            bucket_batches: int = 50) -> list[list[int]]:
+    """One epoch's batches of example indices, shuffled yet grouped by length to minimise padding.
+
+    Shuffle, cut into buckets of bucket_batches batches, sort each bucket by length, batch, shuffle the
+    batches. The order depends only on (seed, epoch), so a resumed run replays it exactly.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), span):
+        bucket = sorted(order[start:start + span], key=lengths.__getitem__)
+        batches += [bucket[i:i + batch_size] for i in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches for evaluation: sorted by length (least padding), order irrelevant to the metrics."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,144 @@
+"""The CUDA half of keydistill._C is built wherever it can be, and the extension loads where there is no GPU.
+
+CI machines have nvcc and a CUDA build of torch but no GPU. There the CUDA sources must have compiled (for
+sm_80 and sm_90), and the installed extension must carry a CUDA kernel for every op: a build that silently
+dropped them fails here rather than skipping. Whether the kernels compute the right thing is checked on a GPU
+by the shared backend tests, which benchmarks/gpu_check.py runs; its own logic is tested at the end.
+"""
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from keydistill.ops import _library
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _truthy(name: str) -> bool:  # as setup.py reads its switches
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+# setup.py builds the CUDA kernels exactly when torch is a CUDA build, nvcc is there and nobody opted out.
+CUDA_EXPECTED = (torch.version.cuda is not None and shutil.which("nvcc") is not None
+                 and not _truthy("KEYDISTILL_SKIP_CUDA"))
+needs_cuda_build = pytest.mark.skipif(
+    not CUDA_EXPECTED, reason="no CUDA build expected: torch without CUDA, no nvcc, or KEYDISTILL_SKIP_CUDA=1")
+
+
+def test_extension_loads_without_a_gpu():
+    """Loading _C (CUDA kernels included) needs the CUDA runtime library, never a device."""
+    probe = ("import torch; from keydistill.ops import _library as L; assert not torch.cuda.is_available(); "
+             "print(all(L.has_kernel(op, 'CPU') for op in L.OPS), L.has_cuda_kernels())")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cpu_kernels, cuda_kernels = result.stdout.split()
+    assert cpu_kernels == "True", "an op lacks its CPU kernel"
+    assert cuda_kernels == str(CUDA_EXPECTED), f"CUDA kernels present: {cuda_kernels}, expected: {CUDA_EXPECTED}"
+
+
+@needs_cuda_build
+def test_every_op_has_a_cuda_kernel():
+    missing = [op for op in _library.OPS if not _library.has_kernel(op, "CUDA")]
+    assert not missing, (f"keydistill._C ({_library._C.__file__}) has no CUDA kernel for {missing}: reinstall with "
+                         "nvcc on the PATH and KEYDISTILL_REQUIRE_EXT=1 to see why the CUDA sources did not build")
+
+
+def _cuobjdump():
+    """cuobjdump from the PATH, a CUDA toolkit, or the copy Triton ships; None if there is none."""
+    triton_spec = importlib.util.find_spec("triton")
+    candidates = [shutil.which("cuobjdump")] + sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"))
+    if triton_spec and triton_spec.submodule_search_locations:
+        candidates += [os.path.join(p, "backends", "nvidia", "bin", "cuobjdump")
+                       for p in triton_spec.submodule_search_locations]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _expected_architectures() -> set:
+    """What setup.py compiles for: TORCH_CUDA_ARCH_LIST if set, else this GPU's, else its default 8.0;9.0."""
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list:
+        return {"sm_" + a.replace("+PTX", "").replace(".", "") for a in re.split(r"[;\s]+", arch_list.strip()) if a}
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return {f"sm_{major}{minor}"}
+    return {"sm_80", "sm_90"}
+
+
+@needs_cuda_build
+def test_cuda_code_is_built_for_the_target_architectures():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton) to list the extension's device code")
+    listing = subprocess.run([tool, "--list-elf", _library._C.__file__], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    built = set(re.findall(r"\.(sm_\d+a?)\.cubin", listing.stdout))
+    expected = _expected_architectures()
+    assert expected <= built, f"device code for {sorted(built)}, expected {sorted(expected)}"
+
+
+# ---- benchmarks/gpu_check.py, as far as a CPU can check it -----------------------------------------------
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run_plans_build_tests_and_benchmarks(tmp_path):
+    command = [sys.executable, os.path.join("benchmarks", "gpu_check.py"), "--dry-run", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split("]")[0].lstrip("["): line for line in result.stdout.splitlines() if line.startswith("[")}
+    assert list(lines) == ["build", "device", "tests-kernels", "benchmarks", "tests-rest"]
+    assert "KEYDISTILL_REQUIRE_EXT=1" in lines["build"] and "build_ext --inplace" in lines["build"]
+    assert "has_cuda_kernels()" in lines["device"]
+    assert "pytest" in lines["tests-kernels"] and " tests -k " in lines["tests-kernels"]
+    assert "pytest" in lines["tests-rest"] and " tests -k not (" in lines["tests-rest"]
+    assert "pytest" in lines["benchmarks"] and "-s benchmarks" in lines["benchmarks"]
+    module = _gpu_check()
+    assert sum(step.limit_s for step in module.steps(str(tmp_path))) >= module.BUDGET_S  # the budget is what binds
+    assert module.BUDGET_S < 8 * 60
+    assert not list(tmp_path.iterdir()), "a dry run must not write anything"
+
+
+def test_gpu_check_steps_report_pass_fail_and_timeout(tmp_path, monkeypatch):
+    module = _gpu_check()
+    monkeypatch.setattr(module, "MIN_STEP_S", 0.5)
+
+    def run(name, code, seconds_left=30):
+        return module.run_step(module.Step(name, [sys.executable, "-c", code], 30), str(tmp_path), seconds_left)
+
+    assert run("ok", "print('hi')")[0] == "ok"
+    assert run("bad", "raise SystemExit(3)")[0] == "failed (rc=3)"
+    status, seconds = run("slow", "import time; time.sleep(60)", seconds_left=1)
+    assert status == "timed out (1 s)" and seconds < 30
+    assert run("late", "print()", seconds_left=0.1)[0] == "no time"
+    assert (tmp_path / "ok.log").read_text() == "hi\n"
+
+
+def test_gpu_check_summary_counts_tests_per_backend(tmp_path):
+    cases = [("test_nearest_key[cuda-float32]", ""), ("test_nearest_key[cuda-bfloat16]", "<failure message='x'/>"),
+             ("test_kd_loss[triton-4.0]", "<skipped message='y'/>"), ("test_ema[cpp]", "<error message='z'/>"),
+             ("test_readme", ""), ("test_cudagraph[torch]", "")]  # the last: 'cuda' in the name, not a parameter
+    body = "".join(f'<testcase classname="tests.t" name="{name}">{extra}</testcase>' for name, extra in cases)
+    (tmp_path / "tests-kernels.xml").write_text(f"<testsuites><testsuite>{body}</testsuite></testsuites>")
+    more = '<testcase classname="tests.m" name="test_model[cuda]"/>'
+    (tmp_path / "tests-rest.xml").write_text(f"<testsuites><testsuite>{more}</testsuite></testsuites>")
+    module = _gpu_check()
+    counts = module.tests_by_backend(str(tmp_path / "tests-kernels.xml"))
+    assert counts["cuda"] == {"passed": 1, "failure": 1}
+    assert counts["triton"] == {"skipped": 1} and counts["cpp"] == {"error": 1}
+    assert counts["torch"] == {"passed": 1} and counts["other"] == {"passed": 1}
+    text = module.summary(str(tmp_path), [("build", "ok", 61.0), ("tests", "failed (rc=1)", 90.0)])
+    assert re.search(r"^cuda\s+2\s+1\s+0\s+0$", text, re.M), text  # both reports counted
+    assert re.search(r"^build\s+ok\s+61$", text, re.M), text

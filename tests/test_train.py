@@ -1,0 +1,175 @@
+"""keydistill.train end to end on a tiny random BERT: every stage, every output, resume after kill -9."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from keydistill import checkpoint
+from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model, student_from_teacher
+from keydistill.train import TrainConfig, build_parser, parse_config, run_all
+
+WORDS = "good bad great awful fine movie film plot acting boring fun dull superb poor nice terrible".split()
+POSITIVE = {"good", "great", "fine", "fun", "superb", "nice"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_glue(root, rng: random.Random, task: str) -> None:
+    """Tiny SST-2 (single sentences) or STS-B (pairs, scores) files whose labels follow the words."""
+    for split, n in (("train", 72), ("dev", 24)):
+        if task == "sst2":
+            lines = ["sentence\tlabel"]
+            for _ in range(n):
+                words = rng.choices(WORDS, k=rng.randint(2, 7))
+                lines.append(f"{' '.join(words)}\t{int(2 * sum(w in POSITIVE for w in words) >= len(words))}")
+            folder = root / "SST-2"
+        else:
+            lines = ["sentence1\tsentence2\tscore"]
+            for _ in range(n):
+                a, b = rng.choices(WORDS, k=rng.randint(2, 5)), rng.choices(WORDS, k=rng.randint(2, 5))
+                lines.append(f"{' '.join(a)}\t{' '.join(b)}\t{5 * len(set(a) & set(b)) / len(set(a) | set(b)):.2f}")
+            folder = root / "STS-B"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random BERT with its tokenizer, and tiny GLUE folders."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for task in ("sst2", "stsb"):
+        write_glue(root / "glue", rng, task)
+    return root
+
+
+def tiny_args(tiny, out, *extra):
+    return ["--data-dir", str(tiny / "glue"), "--teacher", str(tiny / "model"), "--output-dir", str(out),
+            "--val-size", "16", "--num-heads", "4", "--num-keys", "8", "--kmeans-samples", "64",
+            "--batch-size", "8", "--eval-batch-size", "16", "--teacher-epochs", "1", "--bottleneck-epochs", "2",
+            "--epochs", "2", "--teacher-lr", "1e-3", "--lr", "1e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sst2_run")
+    metrics = run_all(parse_config(tiny_args(tiny, out)))
+    return out, metrics
+
+
+def test_every_config_field_is_a_flag():
+    flags = {a.dest for a in build_parser()._actions} - {"help"}
+    assert flags == {f for f in TrainConfig.__dataclass_fields__}
+    cfg = parse_config(["--task", "stsb", "--max-train-samples", "none", "--bf16", "--student-layers", "0,2"])
+    assert (cfg.task, cfg.max_train_samples, cfg.bf16, cfg.layers(4)) == ("stsb", None, True, [0, 2])
+    assert TrainConfig().layers(6) == [1, 3, 5] and TrainConfig().layers(5) == [0, 2, 4]
+
+
+def test_end_to_end_outputs(sst2_run, capsys):
+    out, metrics = sst2_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["task"] == "sst2"
+    for model in ("teacher", "student"):
+        assert set(saved[model]) == {"val", "test"}
+        assert 0.0 <= saved[model]["test"]["accuracy"] <= 1.0
+    stages = [e["stage"] for e in saved["history"]]
+    assert stages == ["teacher_finetune", "teacher_bottleneck", "teacher_bottleneck", "student", "student"]
+    student_epochs = [e for e in saved["history"] if e["stage"] == "student"]
+    assert set(student_epochs[0]["loss"]) == {"total", "soft", "task", "feature", "aux"}
+    assert all(e["examples_per_s"] > 0 and "accuracy" in e["val"] for e in saved["history"])
+    codebook = saved["codebook"]
+    assert 0.0 <= codebook["key_agreement"] <= 1.0
+    assert 1.0 <= codebook["student"]["test_perplexity"] <= 8.0 + 1e-4
+    assert json.loads((out / "config.json").read_text())["num_keys"] == 8
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    teacher, student = load_model(out / "teacher"), load_model(out / "student")
+    assert isinstance(teacher, BertWithKeyBottleneck) and teacher.config.num_hidden_layers == 4
+    assert isinstance(student, DistilBertWithKeyBottleneck) and student.config.n_layers == 2
+    # Carried keys stay the teacher's (student_ema is off); the student's encoder moved toward them.
+    assert torch.equal(student.bottleneck.keys, teacher.bottleneck.keys)
+    fresh_student = student_from_teacher(teacher, TrainConfig().layers(4))
+    moved = [not torch.equal(a, b) for a, b in zip(student.encoder.parameters(), fresh_student.encoder.parameters())]
+    assert sum(moved) > len(moved) // 2
+    assert checkpoint.read_record(out / "checkpoints" / "student.best.safetensors")["step"] == saved["steps_to_best_val"]
+
+
+def test_stsb_regression_reports_correlations_under_bf16(tiny, tmp_path):
+    metrics = run_all(parse_config(tiny_args(tiny, tmp_path, "--task", "stsb", "--epochs", "1", "--bf16")))
+    for model in ("teacher", "student"):
+        assert set(metrics[model]["test"]) == {"pearson", "spearman"}
+        assert -1.0 <= metrics[model]["test"]["pearson"] <= 1.0
+
+
+def test_key_ablation_table_from_a_saved_teacher(sst2_run, tiny, tmp_path):
+    from keydistill.ablation import main
+    teacher_dir = sst2_run[0] / "teacher"
+    assert main(tiny_args(tiny, tmp_path, "--teacher-checkpoint", str(teacher_dir), "--epochs", "1")) == 0
+    rows = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["keys"] for r in rows] == ["carry", "fresh", "none"]
+    assert [r["key agreement"] is None for r in rows] == [False, False, True]
+    assert all(r["teacher test accuracy"] == sst2_run[1]["teacher"]["test"]["accuracy"] for r in rows)
+    for keys in ("carry", "fresh", "none"):  # the teacher was reused, not retrained
+        history = json.loads((tmp_path / f"keys_{keys}" / "metrics.json").read_text())["history"]
+        assert [e["stage"] for e in history] == ["student"]
+    assert "| carry |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_resume_after_kill_9_matches_an_uninterrupted_run(sst2_run, tiny, tmp_path):
+    teacher_dir = str(sst2_run[0] / "teacher")
+    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "3", "--checkpoint-every", "2"]
+    whole = run_all(parse_config(tiny_args(tiny, tmp_path / "whole", *args)))
+
+    out = tmp_path / "killed"
+    latest = out / "checkpoints" / "student.latest.safetensors"
+    command = [sys.executable, "-m", "keydistill.train", *tiny_args(tiny, out, *args)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.exists() and not (out / "metrics.json").exists(), "the run must be killed mid-way"
+    record = checkpoint.read_record(latest)["state"]
+    assert (record["epoch"], record["batch"]) != (3, 0)
+
+    resumed = run_all(parse_config(tiny_args(tiny, out, *args, "--resume")))
+    for model in ("teacher", "student"):
+        assert resumed[model] == whole[model]
+    assert resumed["codebook"]["key_agreement"] == whole["codebook"]["key_agreement"]
+    assert [e["loss"] for e in resumed["history"]] == pytest.approx([e["loss"] for e in whole["history"]])
+
+
+def test_resume_refuses_changed_settings(sst2_run, tiny, capsys):
+    from keydistill.train import main
+    assert main(tiny_args(tiny, sst2_run[0], "--resume", "--lr", "0.5")) == 2
+    assert "differ" in capsys.readouterr().err
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "latest.safetensors"
+    checkpoint.save_checkpoint(path, model, {"step": 1})
+
+    def torn_write(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt  # killed mid-write
+    monkeypatch.setattr(checkpoint, "save_file", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, torch.nn.Linear(3, 2), {"step": 2})
+    restored = torch.nn.Linear(3, 2)
+    assert checkpoint.load_checkpoint(path, restored)["step"] == 1
+    assert torch.equal(restored.weight, model.weight)
