@@ -15,8 +15,8 @@ import dataclasses
 import sys
 
 from keydistill.checkpoint import write_json
-from keydistill.data import DataError, get_task
-from keydistill.train import RunError, TrainConfig, build_parser, run_all
+from keydistill.data import get_task
+from keydistill.train import TrainConfig, build_parser, run_all, run_cli
 
 VARIANTS = ("carry", "fresh", "none")
 
@@ -57,13 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog = "python -m keydistill.ablation"
     parser.set_defaults(output_dir="runs/ablation_{task}")
-    args = vars(parser.parse_args(argv))
-    try:
-        run_ablation(TrainConfig(**args))
-    except (DataError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run_ablation, TrainConfig(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":

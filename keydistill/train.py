@@ -605,14 +605,18 @@ def run_all(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+def run_cli(run: Callable[[TrainConfig], object], cfg: TrainConfig) -> int:
+    """Run `run(cfg)` for a command line: bad data or settings print one line (no traceback) and exit 2."""
     try:
-        run_all(cfg)
+        run(cfg)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run_all, parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -118,9 +118,15 @@ KD_AVX2_INLINE void scan_keys_avx2(const float* xt, int64_t npad, const float* k
       for (int q = 0; q < kQueryVectors; ++q) acc[q][c] = _mm256_fmadd_ps(x[q], kc, acc[q][c]);
     }
   }
-  for (int c = 0; c < NK; ++c) {  // strict < in key order: ties keep the lowest k
-    const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(k0 + c)));
-    for (int q = 0; q < kQueryVectors; ++q) {
+  for (int q = 0; q < kQueryVectors; ++q) {
+    // A running minimum rarely moves (about ln K times per query), so first ask whether any of the NK keys
+    // beats it in any lane: min + compare + movemask, instead of NK compare-and-blends every step.
+    // min(acc, m) returns m when acc is NaN, so a NaN score never hides a real improvement.
+    __m256 m = best[q];
+    for (int c = 0; c < NK; ++c) m = _mm256_min_ps(acc[q][c], m);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(m, best[q], _CMP_LT_OQ)) == 0) continue;
+    for (int c = 0; c < NK; ++c) {  // strict < in key order: ties keep the lowest k
+      const __m256 k = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(k0 + c)));
       const __m256 lt = _mm256_cmp_ps(acc[q][c], best[q], _CMP_LT_OQ);
       best[q] = _mm256_blendv_ps(best[q], acc[q][c], lt);
       arg[q] = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(arg[q]), k, lt));
