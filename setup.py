@@ -1,6 +1,6 @@
 """Build keydistill and its compiled extension keydistill._C.
 
-- C++ CPU kernels are always built (csrc/ops.cpp + csrc/cpu/*.cpp).
+- C++ CPU kernels are always built (csrc/*.cpp + csrc/cpu/*.cpp).
 - CUDA kernels (csrc/cuda/*.cu) are added when torch is a CUDA build and nvcc is found, unless
   KEYDISTILL_SKIP_CUDA=1. No GPU is needed to compile: the arch list defaults to 8.0;9.0.
 - Without a working compiler the package still installs and runs on the torch backend, unless
@@ -64,7 +64,7 @@ def extensions():
     from torch.utils import cpp_extension
     import torch
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     # OpenMP so at::parallel_for really runs in parallel (its OpenMP backend is inline in the headers).
     # The C++ standard is left to torch's builder (torch >= 2.10 needs C++20). No -march=native: AVX2/FMA paths are compiled per function and chosen at run time.

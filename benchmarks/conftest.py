@@ -70,28 +70,32 @@ def _cuda_peak_extra(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def _timed(fn, cuda: bool) -> float:
+def _timed(fn, cuda: bool, number: int = 1) -> float:
+    """Seconds per call, over a block of `number` back-to-back calls."""
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    for _ in range(number):
+        fn()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / number
 
 
-def measure_group(op: str, shape: str, providers: dict, repeats: int = 3) -> dict[str, Row]:
+def measure_group(op: str, shape: str, providers: dict, repeats: int = 3, number: int = 1) -> dict[str, Row]:
     """Time every provider on the same inputs and record a row each.
 
-    Each provider gets one warm-up call that also measures its peak memory; then the timed calls run in
-    rounds, one call of every provider per round, so a change in the machine's load hits all alike.
+    Each provider gets one warm-up call that also measures its peak memory; then the timed samples run in
+    rounds, one sample of every provider per round, so a change in the machine's load hits all alike. A
+    sample is a block of `number` calls (timeit's method): microsecond-scale calls need blocks, or the
+    timer's resolution and a cold cache after the other providers' turn dominate what is measured.
     """
     cuda = DEVICE.type == "cuda"
     peaks = {name: _cuda_peak_extra(fn) if cuda else _cpu_peak_extra(fn) for name, fn in providers.items()}
     times: dict[str, list[float]] = {name: [] for name in providers}
     for _ in range(repeats):
         for name, fn in providers.items():
-            times[name].append(_timed(fn, cuda))
+            times[name].append(_timed(fn, cuda, number))
     rows = {}
     for name, ts in times.items():
         rows[name] = Row(op, shape, name, statistics.median(ts), (min(ts), max(ts)), peaks[name])

@@ -157,7 +157,7 @@ def test_bench_kd_loss(n, v, dtype):
     student = (3 * torch.randn(n, v, device=DEVICE)).to(dtype)
     teacher = (3 * torch.randn(n, v, device=DEVICE)).to(dtype)
     small = n * v < 2**16
-    repeats = 50 if small else 3
+    repeats, number = (21, 200) if small else (3, 1)
     eager_fn = fwd_bwd(lambda s, t: eager_kd(s, t, temperature), student, teacher)
     providers = {"eager F.kl_div (baseline)": eager_fn}
     for backend in BACKENDS:
@@ -166,7 +166,7 @@ def test_bench_kd_loss(n, v, dtype):
         want = fwd_bwd(lambda s, t: eager_kd(s.float(), t.float(), temperature), student, teacher)()
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-5 * want.abs().max().item())
         providers[backend] = fwd_bwd(loss_fn, student, teacher)
-    rows = measure_group("kd_loss fwd+bwd", shape, providers, repeats=repeats)
+    rows = measure_group("kd_loss fwd+bwd", shape, providers, repeats=repeats, number=number)
     eager = rows["eager F.kl_div (baseline)"]
     bandwidth = copy_bandwidth() if CUDA and not small else None
     missed = []

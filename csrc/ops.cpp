@@ -1,6 +1,7 @@
 // The keydistill operator library: one schema per op, declared once here.
 // Device kernels register themselves with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu
-// (CUDA); fake (meta) kernels and autograd are registered from Python (keydistill/ops/_library.py).
+// (CUDA); fake (meta) kernels and autograd are registered from Python (keydistill/ops/_library.py), except
+// kd_loss, whose device-agnostic composite and autograd live in csrc/kd_loss.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,6 +15,9 @@ TORCH_LIBRARY(keydistill, m) {
   // Per-row T^2*KL(softmax(t/T)||softmax(s/T)) as float32 [N] and, if compute_grad, its gradient w.r.t.
   // student [N,V] (student's dtype; else an empty tensor). Rows with mask[n]==false give 0 loss and 0 grad.
   m.def("kd_loss_fwd(Tensor student, Tensor teacher, float temperature, Tensor? mask, bool compute_grad) -> (Tensor, Tensor)");
+  // The reduced loss ('batchmean', 'sum' or 'none'), differentiable w.r.t. student; autograd in C++
+  // (csrc/kd_loss.cpp) so that small logits cost little more than one op call.
+  m.def("kd_loss(Tensor student, Tensor teacher, float temperature, Tensor? mask, str reduction) -> Tensor");
 }
 
 // `import keydistill._C` runs the static registrations above; the module itself has no Python methods,

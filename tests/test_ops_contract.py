@@ -161,6 +161,8 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_without_the_extension_auto_falls_back_and_cpp_explains(monkeypatch):
     """A machine whose install could not compile _C still runs every op on the torch backend."""
     monkeypatch.setattr(_backends, "_extension", lambda: (None, "keydistill._C could not be loaded (simulated)"))
+    _backends._resolve.cache_clear()  # resolution is cached per process; this test changes what is installed
+    monkeypatch.setattr(_backends, "_resolve", _backends._resolve.__wrapped__)
     x, keys = torch.randn(6, 2, 3), torch.randn(2, 4, 3)
     assert _backends.resolve("nearest_key", "auto", x.device) == "torch"
     assert torch.equal(ops.nearest_key(x, keys)[0], reference.nearest_key(x, keys)[0])

@@ -343,3 +343,29 @@ def test_kd_loss_fwd_gradient_buffer_is_consumed_by_backward(device):
     assert student.grad.data_ptr() == buffer
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         rows.sum().backward()
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck_kd_loss(device, reduction, masked):
+    """The reduced loss op (C++ autograd over kd_loss_fwd) passes opcheck, with and without a gradient."""
+    from keydistill.ops import _library  # noqa: F401
+    student = torch.randn(7, 129, device=device, requires_grad=True)
+    teacher = torch.randn(7, 129, device=device)
+    mask = torch.rand(7, device=device) < 0.5 if masked else None
+    torch.library.opcheck(torch.ops.keydistill.kd_loss.default, (student, teacher, 2.0, mask, reduction))
+    torch.library.opcheck(torch.ops.keydistill.kd_loss.default, (student.detach(), teacher, 2.0, mask, reduction))
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_kd_loss_op_consumes_its_gradient_and_ignores_the_teacher(device):
+    """ops.kd_loss on a compiled backend: one fused gradient buffer, scaled in place by backward (so a second
+    backward through the graph fails loudly), and no gradient ever reaches a teacher that requires one."""
+    student = torch.randn(6, 50, device=device, requires_grad=True)
+    teacher = torch.randn(6, 50, device=device, requires_grad=True)
+    loss = ops.kd_loss(student, teacher, temperature=2.0, backend="cpp" if device == "cpu" else "cuda")
+    loss.backward(retain_graph=True)
+    assert teacher.grad is None and student.grad is not None
+    with pytest.raises(RuntimeError, match="backward through the same graph twice"):
+        loss.backward()

@@ -62,6 +62,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     name = resolve("kd_loss", backend, student_logits.device)
     if name == "torch":
         return reference.kd_loss(student_logits, teacher_logits, temperature=float(temperature), mask=mask, reduction=reduction)
+    if name in ("cpp", "cuda"):  # one op whose C++ autograd never differentiates the teacher
+        return implementation(name).kd_loss(student_logits, teacher_logits, float(temperature), mask, reduction)
     rows = implementation(name).kd_loss_rows(student_logits, teacher_logits.detach(), float(temperature), mask)
     return reference.reduce_rows(rows, mask, reduction)
 

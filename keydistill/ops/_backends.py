@@ -107,7 +107,14 @@ def implementation(backend: str):
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that will run `op` on tensors on `device` for a request of `backend`."""
-    device_type = device.type
+    # Cached: availability does not change within a process, except the Triton interpreter switch, which is
+    # part of the key where it matters (an explicit "triton"). At small shapes the uncached checks cost as
+    # much as a kernel.
+    return _resolve(op, backend, device.type, backend == "triton" and _interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, backend: str, device_type: str, interpreting: bool) -> str:
     if backend == "auto":
         order = AUTO_ORDER.get(device_type, {}).get(op, ("torch",))
         return next(b for b in order if not why_unavailable(b, device_type))

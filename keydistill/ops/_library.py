@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from keydistill import _C  # noqa: F401  (registers torch.ops.keydistill.*)
+from keydistill.ops._fused_grad import scale_fused_gradient
 
-OPS = ("nearest_key", "ema_update_", "kd_loss_fwd")
+OPS = ("nearest_key", "ema_update_", "kd_loss_fwd")  # the per-device kernels (kd_loss is composite over kd_loss_fwd)
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
@@ -46,12 +47,17 @@ def _kd_loss_fwd_fake(student, teacher, temperature, mask, compute_grad):
     return student.new_empty((student.shape[0],), dtype=torch.float32), student.new_empty(grad_shape)
 
 
+@torch.library.register_fake("keydistill::kd_loss")
+def _kd_loss_fake(student, teacher, temperature, mask, reduction):
+    shape = (student.shape[0],) if reduction == "none" else ()
+    return student.new_empty(shape, dtype=torch.float32)
+
+
 # ---- autograd: the gradient was computed in the forward pass; backward only scales it per row -----------
-# Memory: the fused gradient is the op's only [N, V] buffer, and in eager mode backward scales it in place,
-# so forward + backward holds one [N, V] tensor. Hence no zero gradient is materialised for the second
-# output (it is not differentiable), and no reference to it is kept beyond the saved one, so autograd can
-# hand the scaled buffer to student.grad without a copy. The buffer is consumed by backward: a second
-# backward through the same graph (retain_graph=True) fails loudly on the saved tensor's version check.
+# (keydistill/ops/_fused_grad.py says why in place). No zero gradient is materialised for the second output
+# (it is not differentiable), and no reference to it is kept beyond the saved one, so autograd can hand the
+# scaled buffer to student.grad without a copy. A second backward through the same graph
+# (retain_graph=True) fails loudly on the saved tensor's version check.
 def _kd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
@@ -63,10 +69,7 @@ def _kd_backward(ctx, grad_rows, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_rows.numel() != 0:
         raise RuntimeError("kd_loss_fwd was called with compute_grad=False; call it with True to differentiate")
-    scale = grad_rows.unsqueeze(1).to(grad.dtype)
-    # Eager: scale the saved gradient in place. Tracers (FakeTensor, FunctionalTensor: subclasses) get the
-    # out-of-place form, which AOT autograd can partition; their compiled graphs manage memory themselves.
-    return (grad.mul_(scale) if type(grad) is torch.Tensor else grad * scale), None, None, None, None
+    return scale_fused_gradient(grad, grad_rows), None, None, None, None
 
 
 torch.library.register_autograd("keydistill::kd_loss_fwd", _kd_backward, setup_context=_kd_setup_context)
@@ -79,6 +82,11 @@ def nearest_key(x, keys):
 
 def ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic):
     torch.ops.keydistill.ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic)
+
+
+def kd_loss(student, teacher, temperature, mask, reduction):
+    """The reduced loss in one op call; its autograd is C++ (csrc/kd_loss.cpp)."""
+    return torch.ops.keydistill.kd_loss.default(student, teacher, temperature, mask, reduction)
 
 
 def kd_loss_rows(student, teacher, temperature, mask):

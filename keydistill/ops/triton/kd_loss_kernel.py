@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from keydistill.ops._fused_grad import scale_fused_gradient
+
 # Elements of one row chunk per program: 4096 gives long coalesced reads at 64-80 registers on 8 warps.
 MAX_BLOCK_V = 4096
 # Short rows are packed several to a program, up to this many elements: ptxas for sm_90 reports <= 150
@@ -124,8 +126,7 @@ class KDLossRows(torch.autograd.Function):
             raise RuntimeError("kd_loss (triton): backward through the same graph twice is not supported; recompute the loss")
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        # In place, so backward allocates no second [N, V] buffer; the scale stays fp32 until the write.
-        return grad.mul_(grad_rows.unsqueeze(1)), None, None, None
+        return scale_fused_gradient(grad, grad_rows), None, None, None
 
 
 def kd_loss_rows(student, teacher, temperature, mask):
