@@ -70,11 +70,13 @@ def test_nearest_key_matches_float64(backend, seed, n, h, k, d):
 
 
 @pytest.mark.parametrize("backend_name", ["cpp", "torch"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_nearest_key_many_query_tiles(backend_name, seed):
-    """More queries than one tile of the large-d (GEMM) path holds; keys close to the data, as after k-means."""
+@pytest.mark.parametrize("d", [12, 96])
+def test_nearest_key_many_query_tiles(backend_name, seed, d):
+    """Many query blocks and key panels of either CPU tiling (queries in lanes for small d, keys in lanes for
+    large d), with ragged ends; keys close to the data, as after k-means."""
     device = backend_device(backend_name)
-    keys = torch.randn(1, 1001, 64, device=device)
-    x = keys[:, torch.randint(0, 1001, (4500,), device=device)].transpose(0, 1) + 0.1 * torch.randn(4500, 1, 64, device=device)
+    keys = torch.randn(1, 1001, d, device=device)
+    x = keys[:, torch.randint(0, 1001, (4500,), device=device)].transpose(0, 1) + 0.1 * torch.randn(4500, 1, d, device=device)
     check_nearest(x, keys, *ops.nearest_key(x, keys, backend=backend_name))
 
 
@@ -99,7 +101,7 @@ def test_nearest_key_all_keys_equal(backend):
     assert (index == 0).all()
 
 
-@pytest.mark.parametrize("d", [12, 64])
+@pytest.mark.parametrize("d", [12, 96])
 def test_nearest_key_non_contiguous(backend, seed, d):
     device = backend_device(backend)
     x = strided(torch.randn(3, 37, d, device=device)).transpose(0, 1)  # [N, H, d], strided in every dim
@@ -110,7 +112,7 @@ def test_nearest_key_non_contiguous(backend, seed, d):
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("keys_fp32", [False, True])
-@pytest.mark.parametrize("d", [13, 64])
+@pytest.mark.parametrize("d", [13, 96])
 def test_nearest_key_low_precision(backend, seed, dtype, keys_fp32, d):
     """fp16/bf16 inputs are ranked in fp32: the result is the fp32-accurate answer for the rounded values."""
     device = backend_device(backend)
