@@ -5,6 +5,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/simd.h"
+
 TORCH_LIBRARY(keydistill, m) {
   // x [N,H,d], keys [H,K,d] -> (index int64 [N,H], sqdist float32 [N,H]); ties to the lowest k.
   m.def("nearest_key(Tensor x, Tensor keys) -> (Tensor, Tensor)");
@@ -18,6 +22,8 @@ TORCH_LIBRARY(keydistill, m) {
   // The reduced loss ('batchmean', 'sum' or 'none'), differentiable w.r.t. student; autograd in C++
   // (csrc/kd_loss.cpp) so that small logits cost little more than one op call.
   m.def("kd_loss(Tensor student, Tensor teacher, float temperature, Tensor? mask, str reduction) -> Tensor");
+  // Which code path the CPU kernels take on this machine: "avx2" (AVX2 + FMA) or "portable".
+  m.def("cpu_simd() -> str", []() -> std::string { return keydistill::cpu::has_avx2_fma() ? "avx2" : "portable"; });
 }
 
 // `import keydistill._C` runs the static registrations above; the module itself has no Python methods,

@@ -26,16 +26,19 @@ namespace {
 
 constexpr float kLowest = std::numeric_limits<float>::lowest();  // "no element yet": exp(kLowest - m) == 0
 
-struct RowStats {  // a row's running max and sum of exp(v - max): its log-sum-exp in online form
-  float max = kLowest, sum = 0.f;
+// A row's running max and sum of exp(v - max): its log-sum-exp in online form. The sum is a double: the
+// portable path adds a whole row sequentially, which in float loses more than torch's pairwise sums.
+struct RowStats {
+  float max = kLowest;
+  double sum = 0.0;
   void add(float v) {
     if (v > max) {
-      sum *= std::exp(max - v);
+      sum *= std::exp(static_cast<double>(max) - v);
       max = v;
     }
     sum += std::exp(v - max);
   }
-  float log_sum() const { return std::log(sum); }
+  float log_sum() const { return static_cast<float>(std::log(sum)); }
 };
 
 // The row kernels: s, t are the row's logits as float, g (if non-null) receives the gradient.
@@ -46,14 +49,14 @@ void row_scalar(const float* s, const float* t, int64_t v, float inv_t, float te
     ts.add(t[i] * inv_t);
   }
   const float log_zs = ss.log_sum(), log_zt = ts.log_sum();
-  float acc = 0.f;
+  double acc = 0.0;  // sequential over the row: in double, for the same reason as RowStats::sum
   for (int64_t i = 0; i < v; ++i) {
     const float log_ps = (s[i] * inv_t - ss.max) - log_zs, log_pt = (t[i] * inv_t - ts.max) - log_zt;
     const float pt = std::exp(log_pt);
     acc += pt * (log_pt - log_ps);
     if (g) g[i] = temperature * (std::exp(log_ps) - pt);
   }
-  *loss = acc * temperature * temperature;
+  *loss = static_cast<float>(acc) * temperature * temperature;
 }
 
 #ifdef KEYDISTILL_X86

@@ -5,6 +5,8 @@
 // plain C++ elsewhere (older x86, ARM).
 #pragma once
 
+#include <cstdlib>
+
 #if defined(__x86_64__) || defined(__i386__)
 #define KEYDISTILL_X86 1
 #include <immintrin.h>
@@ -14,9 +16,12 @@
 
 namespace keydistill::cpu {
 
+// KEYDISTILL_DISABLE_AVX2=1 (read once, at the first kernel call) forces the portable paths, so the tests
+// can check them on an AVX2 machine.
 inline bool has_avx2_fma() {
 #ifdef KEYDISTILL_X86
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                !(std::getenv("KEYDISTILL_DISABLE_AVX2") && std::getenv("KEYDISTILL_DISABLE_AVX2")[0] == '1');
   return supported;
 #else
   return false;
