@@ -78,6 +78,8 @@ def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
 
 
 def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
+    if _plain_kd_call(student_logits, teacher_logits, temperature, mask, reduction):
+        return  # the common, valid call, checked in one expression: at [32, 2] logits checks cost like the kernel
     tensor("student_logits", student_logits, ndim=2, dtypes=FLOAT_DTYPES)
     tensor("teacher_logits", teacher_logits, ndim=2, dtypes=FLOAT_DTYPES)
     same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
@@ -86,6 +88,15 @@ def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
     if student_logits.shape[1] < 1:
         raise ValueError("logits must have V >= 1 classes")
     check_kd_options(student_logits.shape[0], temperature, mask, reduction)
+
+
+def _plain_kd_call(student, teacher, temperature, mask, reduction) -> bool:
+    """True for plain tensors of one float dtype family, one shape [N, V >= 1] and device, no mask, a float
+    temperature in (0, inf) and a known reduction; anything else goes through the checks that explain."""
+    return (type(student) is torch.Tensor and type(teacher) is torch.Tensor and mask is None
+            and type(temperature) is float and 0.0 < temperature < math.inf and reduction in REDUCTIONS
+            and student.dtype in FLOAT_DTYPES and teacher.dtype in FLOAT_DTYPES and student.dim() == 2
+            and student.shape == teacher.shape and student.shape[1] >= 1 and student.device == teacher.device)
 
 
 def check_kd_options(n_rows, temperature, mask, reduction):
