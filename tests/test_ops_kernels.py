@@ -321,15 +321,22 @@ def test_opcheck_ema_update(device):
     torch.library.opcheck(torch.ops.keydistill.ema_update_.default, (keys, cluster_size, embed_sum, x, index, 0.9, 1e-5, True))
 
 
+# kd_loss_fwd (per-row losses + fused gradient, Python autograd) and kd_loss (reduced, C++ autograd); the last
+# argument of each, for a student that does / does not require a gradient.
+KD_OPS = [("kd_loss_fwd", lambda grad: grad)] + [("kd_loss", lambda grad, r=r: r) for r in ("batchmean", "sum", "none")]
+
+
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck_kd_loss_fwd(device, masked):
+@pytest.mark.parametrize("op,last_arg", KD_OPS, ids=["kd_loss_fwd", "kd_loss-batchmean", "kd_loss-sum", "kd_loss-none"])
+def test_opcheck_kd_ops(device, masked, op, last_arg):
     from keydistill.ops import _library  # noqa: F401
     student = torch.randn(7, 129, device=device, requires_grad=True)
     teacher = torch.randn(7, 129, device=device)
     mask = torch.rand(7, device=device) < 0.5 if masked else None
-    torch.library.opcheck(torch.ops.keydistill.kd_loss_fwd.default, (student, teacher, 2.0, mask, True))
-    torch.library.opcheck(torch.ops.keydistill.kd_loss_fwd.default, (student.detach(), teacher, 2.0, mask, False))
+    overload = getattr(torch.ops.keydistill, op).default
+    torch.library.opcheck(overload, (student, teacher, 2.0, mask, last_arg(True)))
+    torch.library.opcheck(overload, (student.detach(), teacher, 2.0, mask, last_arg(False)))
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
@@ -345,19 +352,6 @@ def test_kd_loss_fwd_gradient_buffer_is_consumed_by_backward(device):
     assert student.grad.data_ptr() == buffer
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         rows.sum().backward()
-
-
-@pytest.mark.parametrize("device", COMPILED_DEVICES)
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
-@pytest.mark.parametrize("masked", [False, True])
-def test_opcheck_kd_loss(device, reduction, masked):
-    """The reduced loss op (C++ autograd over kd_loss_fwd) passes opcheck, with and without a gradient."""
-    from keydistill.ops import _library  # noqa: F401
-    student = torch.randn(7, 129, device=device, requires_grad=True)
-    teacher = torch.randn(7, 129, device=device)
-    mask = torch.rand(7, device=device) < 0.5 if masked else None
-    torch.library.opcheck(torch.ops.keydistill.kd_loss.default, (student, teacher, 2.0, mask, reduction))
-    torch.library.opcheck(torch.ops.keydistill.kd_loss.default, (student.detach(), teacher, 2.0, mask, reduction))
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)

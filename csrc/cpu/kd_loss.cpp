@@ -162,11 +162,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, double temper
              float* loss, student_t* grad) {
   const int64_t n = student.size(0), v = student.size(1);
   const float temp = static_cast<float>(temperature), inv_t = static_cast<float>(1.0 / temperature);
-#ifdef KEYDISTILL_X86
-  const auto row = has_avx2_fma() ? row_avx2 : row_scalar;
-#else
-  const auto row = row_scalar;
-#endif
+  const auto row = KD_PICK_SIMD(row_avx2, row_scalar);
   constexpr bool grad_is_float = std::is_same_v<student_t, float>;
   at::parallel_for(0, n, std::max<int64_t>(1, 32768 / v), [&](int64_t begin, int64_t end) {
     std::vector<float> sbuf, tbuf, gbuf;  // only when rows need widening (or the gradient narrowing)

@@ -162,11 +162,7 @@ void nearest_small_d(const at::Tensor& x, const at::Tensor& keys, const at::Tens
   const float* np = knorm.const_data_ptr<float>();
   int64_t* ip = index.data_ptr<int64_t>();
   float* dp = sqdist.data_ptr<float>();
-#ifdef KEYDISTILL_X86
-  const auto scan = has_avx2_fma() ? scan_block_avx2 : scan_block_scalar;
-#else
-  const auto scan = scan_block_scalar;
-#endif
+  const auto scan = KD_PICK_SIMD(scan_block_avx2, scan_block_scalar);
   // Tasks in (head, block) order, so each thread's contiguous range reuses one head's keys from cache.
   at::parallel_for(0, h * blocks, 1, [&](int64_t begin, int64_t end) {
     int32_t best[kQueryBlock];
@@ -316,11 +312,7 @@ void nearest_large_d(const at::Tensor& x, const at::Tensor& keys, const at::Tens
   const float* kp = keys.const_data_ptr<float>();
   int64_t* ip = index.data_ptr<int64_t>();
   float* dp = sqdist.data_ptr<float>();
-#ifdef KEYDISTILL_X86
-  const auto tile = has_avx2_fma() ? panel_tile_avx2_any : panel_tile_scalar;
-#else
-  const auto tile = panel_tile_scalar;
-#endif
+  const auto tile = KD_PICK_SIMD(panel_tile_avx2_any, panel_tile_scalar);
   at::parallel_for(0, h * blocks, 1, [&](int64_t begin, int64_t end) {
     LaneBest best[kPanelQueryBlock];
     for (int64_t t = begin; t < end; ++t) {

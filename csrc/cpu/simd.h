@@ -29,3 +29,10 @@ inline bool has_avx2_fma() {
 }
 
 }  // namespace keydistill::cpu
+
+// The AVX2/FMA variant of a kernel where the CPU has it, else the portable one (the only one compiled off x86).
+#ifdef KEYDISTILL_X86
+#define KD_PICK_SIMD(avx2, portable) (::keydistill::cpu::has_avx2_fma() ? (avx2) : (portable))
+#else
+#define KD_PICK_SIMD(avx2, portable) (portable)
+#endif
