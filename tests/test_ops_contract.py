@@ -168,3 +168,44 @@ def test_without_the_extension_auto_falls_back_and_cpp_explains(monkeypatch):
     assert torch.equal(ops.nearest_key(x, keys)[0], reference.nearest_key(x, keys)[0])
     with pytest.raises(ops.BackendUnavailable, match="simulated"):
         ops.nearest_key(x, keys, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_public_ops_compile_into_one_graph(backend):
+    """torch.compile(fullgraph=True) traces the public ops (validation, backend choice and the op itself)
+    without a graph break, and the compiled step gives eager's losses, gradients, keys and EMA state."""
+    if _backends.why_unavailable(backend, "cpu") and backend != "auto":
+        pytest.skip(f"backend {backend} is not built here")
+    torch.manual_seed(0)
+    mask = torch.rand(9) < 0.7
+
+    def step(x, keys, cluster_size, embed_sum, student, teacher):
+        index, sqdist = ops.nearest_key(x, keys, backend=backend)
+        ops.ema_update_(keys, cluster_size, embed_sum, x, index, decay=0.9, backend=backend)
+        return index, sqdist, ops.kd_loss(student, teacher, temperature=2.0, mask=mask, backend=backend) * 3
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    inputs = [torch.randn(9, 2, 5), torch.randn(2, 13, 5), torch.rand(2, 13) + 0.5, torch.randn(2, 13, 5),
+              torch.randn(9, 4), torch.randn(9, 4)]
+    results = []
+    for fn in (step, compiled):
+        x, keys, cluster_size, embed_sum, student, teacher = [t.clone() for t in inputs]
+        student.requires_grad_()
+        index, sqdist, loss = fn(x, keys, cluster_size, embed_sum, student, teacher)
+        loss.backward()
+        results.append((index, sqdist, loss.detach(), student.grad, keys, cluster_size, embed_sum))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
+
+
+def test_compiled_ema_update_still_rejects_an_out_of_range_index():
+    """Inside a compiled graph the index range check is an in-graph assertion (no host sync), not skipped."""
+    keys, cluster_size, embed_sum = torch.randn(2, 13, 5), torch.rand(2, 13) + 0.5, torch.randn(2, 13, 5)
+
+    def update(x, index):
+        ops.ema_update_(keys, cluster_size, embed_sum, x, index, decay=0.9)
+
+    compiled = torch.compile(update, backend="aot_eager", fullgraph=True)
+    compiled(torch.randn(4, 2, 5), torch.randint(0, 13, (4, 2)))  # in range: fine
+    with pytest.raises(RuntimeError, match="outside"):
+        compiled(torch.randn(4, 2, 5), torch.full((4, 2), 13))

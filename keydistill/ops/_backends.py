@@ -95,8 +95,21 @@ def backends() -> list[str]:
     return [b for b in ALL if not why_unavailable(b)]
 
 
+_LOADED: dict = {}  # backend -> its module, once resolve() found it available
+
+
 def implementation(backend: str):
-    """The module that implements `backend` (nearest_key, ema_update_, kd_loss_rows)."""
+    """The module that implements `backend` (nearest_key, ema_update_, kd_loss_rows).
+
+    A dict lookup once resolve() has run (it fills _LOADED), which torch.compile traces without loading
+    anything."""
+    module = _LOADED.get(backend)
+    if module is None:
+        module = _LOADED[backend] = _load(backend)
+    return module
+
+
+def _load(backend: str):
     if backend == "torch":
         from keydistill.ops import reference
         return reference
@@ -105,6 +118,7 @@ def implementation(backend: str):
     return _triton()[0]
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once while tracing, a constant in the graph
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that will run `op` on tensors on `device` for a request of `backend`."""
     # Cached: availability does not change within a process, except the Triton interpreter switch, which is
@@ -117,8 +131,11 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 def _resolve(op: str, backend: str, device_type: str, interpreting: bool) -> str:
     if backend == "auto":
         order = AUTO_ORDER.get(device_type, {}).get(op, ("torch",))
-        return next(b for b in order if not why_unavailable(b, device_type))
+        chosen = next(b for b in order if not why_unavailable(b, device_type))
+        implementation(chosen)
+        return chosen
     reason = why_unavailable(backend, device_type)
     if reason:
         raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
+    implementation(backend)
     return backend

@@ -71,7 +71,10 @@ def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
         raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
     if not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if index.numel():
+    if index.numel() and torch.compiler.is_compiling():
+        # Inside a compiled graph a host-side check would break the graph: assert in the graph instead.
+        torch._assert_async(((index >= 0) & (index < k)).all(), f"index holds values outside [0, K={k})")
+    elif index.numel():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= k:
             raise ValueError(f"index holds values in [{lo}, {hi}], outside [0, K={k})")
