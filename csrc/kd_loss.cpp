@@ -96,25 +96,36 @@ double host_scalar(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? *t.const_data_ptr<float>() : t.item<double>();
 }
 
+// The forward of both entry points: losses reduced and, if asked, the fused gradient with what backward needs.
+struct Forward {
+  at::Tensor loss, grad;
+  Reduction reduction;
+  Denominator den;
+};
+
+Forward run_forward(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                    const std::optional<at::Tensor>& mask, c10::string_view reduction, bool compute_grad) {
+  const Reduction r = parse_reduction(reduction);
+  const Denominator den = r == Reduction::kBatchMean ? batch_denominator(student, mask) : Denominator{};
+  auto [rows, grad] = kd_loss_fwd(student, teacher, temperature, mask, compute_grad);
+  return {reduce(rows, r, den), grad, r, den};
+}
+
 // Without autograd (no_grad, inference, fake tensors): losses only, no gradient buffer.
 at::Tensor kd_loss_composite(const at::Tensor& student, const at::Tensor& teacher, double temperature,
                              const std::optional<at::Tensor>& mask, c10::string_view reduction) {
-  const Reduction r = parse_reduction(reduction);
-  auto [rows, grad] = kd_loss_fwd(student, teacher, temperature, mask, /*compute_grad=*/false);
-  return reduce(rows, r, r == Reduction::kBatchMean ? batch_denominator(student, mask) : Denominator{});
+  return run_forward(student, teacher, temperature, mask, reduction, /*compute_grad=*/false).loss;
 }
 
 struct KDLossFunction : public torch::autograd::Function<KDLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                             double temperature, const std::optional<at::Tensor>& mask, c10::string_view reduction) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // kd_loss_fwd's own (Python) autograd is not wanted here
-    const Reduction r = parse_reduction(reduction);
-    const Denominator den = r == Reduction::kBatchMean ? batch_denominator(student, mask) : Denominator{};
-    auto [rows, grad] = kd_loss_fwd(student, teacher, temperature, mask, /*compute_grad=*/true);
-    ctx->save_for_backward({grad, den.included});
-    ctx->saved_data["reduction"] = static_cast<int64_t>(r);
-    ctx->saved_data["rows"] = den.rows;
-    return reduce(rows, r, den);
+    Forward f = run_forward(student, teacher, temperature, mask, reduction, /*compute_grad=*/true);
+    ctx->save_for_backward({f.grad, f.den.included});
+    ctx->saved_data["reduction"] = static_cast<int64_t>(f.reduction);
+    ctx->saved_data["rows"] = f.den.rows;
+    return f.loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
