@@ -20,17 +20,32 @@ from keydistill.train import TrainConfig, build_parser, run_all, run_cli
 
 VARIANTS = ("carry", "fresh", "none")
 
+# What each variant shares with the others and what it does not (student.py holds the rules).
+VARIANT_NOTES = """\
+All three students distil from the same teacher with the same settings: the same encoder initialisation
+(the teacher's embeddings and layers), the same losses and the same gradient paths into the encoder (the
+feature loss always; the soft and task losses only when the lookup passes them, so under the hard lookup the
+key-less head also reads a detached encoder output), and each starts from a decoder fitted to its own routing.
+
+| variant | keys | values and head at the start | commitment loss | key agreement |
+|---|---|---|---|---|
+| carry | the teacher's, carried before the first forward | the teacher's (fitted on these keys) | yes | same key ids |
+| fresh | k-means on the student's own outputs | re-initialised, fitted on the student's cached outputs by the teacher's recipe | yes | after matching keys one to one by co-assignment (Hungarian) |
+| none | no bottleneck | a new head, fitted the same way on the student's first-token outputs | no | n/a |
+"""
+
 
 def ablation_row(keys: str, metrics: dict, metric: str) -> dict:
     best_val = max((e["val"][metric] for e in metrics["history"] if e["stage"] == "student"), default=None)
     return {"keys": keys, f"test {metric}": metrics["student"]["test"][metric], f"best val {metric}": best_val,
             "steps to best val": metrics["steps_to_best_val"], "key agreement": metrics["codebook"]["key_agreement"],
+            "agreement measured": metrics["codebook"]["key_agreement_kind"],
             f"teacher test {metric}": metrics["teacher"]["test"][metric]}
 
 
 def markdown_table(rows: list[dict]) -> str:
     def cell(value):
-        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in rows]
@@ -47,7 +62,7 @@ def run_ablation(base: TrainConfig) -> list[dict]:
         teacher = teacher or str(cfg.out / "teacher")
         rows.append(ablation_row(keys, metrics, metric))
     table = markdown_table(rows)
-    (root / "ablation.md").write_text(table + "\n")
+    (root / "ablation.md").write_text(table + "\n\n" + VARIANT_NOTES)
     write_json(root / "ablation.json", rows)
     print(table)
     return rows

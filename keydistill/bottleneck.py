@@ -24,6 +24,9 @@ How the encoder learns (the discrete lookup alone passes it no gradient):
 - Soft assignment, opt-in with soft_temperature=tau: in training mode the values are mixed with weights
   softmax(-||q - key_k||^2 / tau) over the keys, so the task and distillation losses reach the queries
   too. Eval mode always uses the hard nearest key. Index, EMA and commitment always use the hard choice.
+- Straight-through, opt-in with straight_through=True (and soft_temperature=tau): the forward pass is the
+  hard lookup in training too; in the backward pass the values get their exact (hard) gradient and the
+  queries get the gradient of the soft assignment.
 - Feature loss toward another model's pre-bottleneck vectors (e.g. a teacher's): feature_loss(), for the
   training loop to add.
 """
@@ -42,6 +45,8 @@ from keydistill.ops.reference import cluster_stats, smoothed_cluster_size
 PROJECTIONS = ("split", "random", "learned")
 POOLINGS = ("cls", "mean")
 CODEBOOK_STATE = ("keys", "cluster_size", "embed_sum")
+# BottleneckConfig fields that shape how a model learns, not what its codebook is: a student may set its own.
+TRAINING_FIELDS = ("commitment_weight", "soft_temperature", "straight_through")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,9 @@ class BottleneckConfig:
     dead_key_threshold: float = 0.01
     commitment_weight: float = 0.25  # weight of the commitment loss (encoder learning path); 0 turns it off
     soft_temperature: float | None = None  # tau of the soft assignment in training; None: always hard
+    # With soft_temperature: keep the hard lookup in the forward pass (training computes what evaluation
+    # computes) and take only the backward pass from the soft assignment (straight-through).
+    straight_through: bool = False
     kmeans_iters: int = 10  # Lloyd iterations after k-means++ in init_keys_
 
     def __post_init__(self):
@@ -78,11 +86,32 @@ class BottleneckConfig:
         _require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         _require(self.dead_key_threshold >= 0, f"dead_key_threshold must be >= 0, got {self.dead_key_threshold!r}")
         _require(self.commitment_weight >= 0, f"commitment_weight must be >= 0, got {self.commitment_weight!r}")
-        _require(self.soft_temperature is None or self.soft_temperature > 0,
-                 f"soft_temperature must be None or > 0, got {self.soft_temperature!r}")
+        _require(self.soft_temperature is None or (math.isfinite(self.soft_temperature) and self.soft_temperature > 0),
+                 f"soft_temperature must be None or a finite number > 0, got {self.soft_temperature!r}")
+        _require(not self.straight_through or self.soft_temperature is not None,
+                 "straight_through takes its gradient from the soft assignment: set soft_temperature too")
+
+    def key_dim_for(self, dim: int) -> int:
+        """The key dimension on encoder outputs of width dim; ValueError when the two cannot fit."""
+        key_dim = self.key_dim or dim // self.num_heads
+        _require(key_dim >= 1, f"dim={dim} is smaller than num_heads={self.num_heads}; set key_dim")
+        if self.projection == "split":
+            _require(self.num_heads * key_dim == dim, f"projection='split' needs num_heads * key_dim == dim (the encoder "
+                     f"width), got {self.num_heads} * {key_dim} != {dim}")
+        return key_dim
+
+    @property
+    def learns_through_lookup(self) -> bool:
+        """True when the task and distillation losses reach the encoder through the lookup (soft or
+        straight-through assignment); with the hard lookup alone they stop at the values."""
+        return self.soft_temperature is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def codebook(self) -> dict:
+        """The fields that define the codebook and the values it indexes (all but TRAINING_FIELDS)."""
+        return {k: v for k, v in self.to_dict().items() if k not in TRAINING_FIELDS}
 
     @classmethod
     def from_dict(cls, fields: dict) -> "BottleneckConfig":
@@ -115,11 +144,9 @@ class DiscreteKeyBottleneck(nn.Module):
         super().__init__()
         h, k = config.num_heads, config.num_keys
         self.dim, self.config = dim, config
-        self.key_dim = config.key_dim or dim // h
+        self.key_dim = config.key_dim_for(dim)
         self.value_dim = config.value_dim or dim
-        _require(self.key_dim >= 1, f"dim={dim} is smaller than num_heads={h}; set key_dim")
         if config.projection == "split":
-            _require(h * self.key_dim == dim, f"projection='split' needs num_heads * key_dim == dim, got {h} * {self.key_dim} != {dim}")
             self.projection = None
         else:
             # Gaussian entries of variance 1/key_dim keep squared norms unchanged in expectation.
@@ -208,10 +235,15 @@ class DiscreteKeyBottleneck(nn.Module):
         heads = torch.arange(self.config.num_heads, device=index.device)
         assigned = self.keys[heads, index]  # [N, H, d]: a copy, so the EMA below cannot disturb autograd
         commitment = (queries.float() - assigned).pow(2).mean() if queries.numel() else queries.new_zeros((), dtype=torch.float32)
+        head_values = self.values[heads, index]  # [N, H, value_dim]
         if self.training and self.config.soft_temperature is not None:
-            head_values = self._soft_values(queries)
-        else:
-            head_values = self.values[heads, index]  # [N, H, value_dim]
+            if self.config.straight_through:
+                # The hard values forward (and their exact gradient); the queries get the gradient of the
+                # soft assignment, mixing detached values, whose forward contribution cancels out.
+                soft = self._soft_values(queries, self.values.detach())
+                head_values = head_values + (soft - soft.detach())
+            else:
+                head_values = self._soft_values(queries, self.values)
         pooled = _mean_per_row(head_values.mean(1), positions)
         if self.training and self.update_keys:
             ops.ema_update_(self.keys, self.cluster_size, self.embed_sum, queries.detach(), index,
@@ -228,13 +260,13 @@ class DiscreteKeyBottleneck(nn.Module):
             return torch.ones(b, length, dtype=torch.bool, device=hidden.device)
         return attention_mask.to(torch.bool)
 
-    def _soft_values(self, queries: torch.Tensor) -> torch.Tensor:
+    def _soft_values(self, queries: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Values mixed by softmax(-||q - key||^2 / tau) over each head's keys: [N, H, value_dim]."""
         keys = self.keys.clone()  # a snapshot: the EMA updates self.keys in place before backward runs
         q = queries.float()
         sqdist = q.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("nhd,hkd->nhk", q, keys) + keys.pow(2).sum(-1)
         weights = torch.softmax(-sqdist / self.config.soft_temperature, dim=-1)
-        return torch.einsum("nhk,hkv->nhv", weights.to(self.values.dtype), self.values)
+        return torch.einsum("nhk,hkv->nhv", weights.to(values.dtype), values)
 
 
 def _mean_per_row(vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -265,15 +297,29 @@ def kmeans_plus_plus(x: torch.Tensor, k: int, *, generator: torch.Generator | No
     points = x.transpose(0, 1)  # [H, N, d]
     heads = torch.arange(h, device=x.device)
     centers = x.new_empty(h, k, d)
-    first = torch.randint(n, (h,), device=x.device, generator=generator)
+    draws = generator.device if generator is not None else x.device  # a generator draws on its own device
+    first = torch.randint(n, (h,), device=draws, generator=generator).to(x.device)
     centers[:, 0] = points[heads, first]
     nearest_sq = (points - centers[:, :1]).pow(2).sum(-1)  # [H, N]
     for j in range(1, k):
         # The tiny floor keeps the draw defined when every point already coincides with a center.
-        chosen = torch.multinomial(nearest_sq + torch.finfo(x.dtype).tiny, 1, generator=generator).squeeze(1)
+        chosen = _draw_proportional(nearest_sq + torch.finfo(x.dtype).tiny, generator)
         centers[:, j] = points[heads, chosen]
         nearest_sq = torch.minimum(nearest_sq, (points - centers[:, j : j + 1]).pow(2).sum(-1))
     return centers
+
+
+def _draw_proportional(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One column per row of weights [H, N], drawn with probability proportional to its weight.
+
+    Inverse-CDF sampling: only the H uniforms come from the generator, on the generator's own device, so a
+    CPU generator drives draws on CUDA data (torch.multinomial would need the generator on the data's device).
+    """
+    uniform = torch.rand(weights.shape[0], 1, dtype=torch.float64, generator=generator,
+                         device=generator.device if generator is not None else weights.device).to(weights.device)
+    cdf = weights.double().cumsum(-1)
+    chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # first column with cdf > u * total
+    return chosen.clamp_max(weights.shape[1] - 1).squeeze(1)
 
 
 def assignment_counts(key_indices: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -146,7 +146,8 @@ def _decoded_lines(path: str, errors: _RowErrors) -> Iterator[tuple[int, str | N
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
+                # utf-8-sig drops a byte-order mark (MRPC's header starts with one); a no-op elsewhere
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 errors.bad_row(f"{path}:{number}:{e.start + 1}: undecodable bytes (not UTF-8): {raw[e.start:e.end]!r}")
                 yield number, None
@@ -225,16 +226,29 @@ def load_hub(task: GlueTask):
     return convert("train"), {s: convert(h) for s, h in zip(task.test_splits, task.hub_test_splits)}, 0
 
 
-def load_task(task: GlueTask | str, data_dir: str | None = None, *, val_size: int = 1000, seed: int = 0,
+# The validation slice held out of train when no size is given: a share of the task, with a floor (small
+# tasks still get a usable validation signal) and a cap (large tasks keep their rows for training).
+VAL_SHARE, VAL_FLOOR, VAL_CAP = 0.1, 100, 1000
+
+
+def default_val_size(train_rows: int) -> int:
+    """10% of train, at least 100 and at most 1000 rows, and never more than half of train."""
+    return min(max(round(VAL_SHARE * train_rows), VAL_FLOOR), VAL_CAP, train_rows // 2)
+
+
+def load_task(task: GlueTask | str, data_dir: str | None = None, *, val_size: int | None = None, seed: int = 0,
               max_train_samples: int | None = None, max_eval_samples: int | None = None,
               skip_bad_rows: bool = False) -> TaskData:
     """Load a GLUE task and split it: val is a seeded held-out slice of train, test is GLUE's dev split.
 
-    The val slice is drawn before max_train_samples caps train, so it never depends on the cap;
-    max_eval_samples caps val and every test split (the first rows, for reproducibility).
+    val_size=None holds out default_val_size(rows) rows. The val slice is drawn before max_train_samples caps
+    train, so it never depends on the cap; max_eval_samples caps val and every test split (the first rows,
+    for reproducibility).
     """
     task = get_task(task) if isinstance(task, str) else task
     train, test, skipped = load_local(task, data_dir, skip_bad_rows) if data_dir else load_hub(task)
+    if val_size is None:
+        val_size = default_val_size(len(train))
     if val_size >= len(train):
         raise DataError(f"val_size={val_size} leaves no training rows: {task.name} train has {len(train)} rows")
     order = list(range(len(train)))
@@ -258,9 +272,10 @@ class CustomDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, examples: Sequence[Example], tokenizer, max_length: int, regression: bool = False):
-        columns = list(zip(*(e.texts for e in examples)))
-        encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+        columns = [list(c) for c in zip(*(e.texts for e in examples))]
+        encoded = tokenizer(*columns, truncation=True, max_length=max_length)
         self.input_ids = encoded["input_ids"]
+        self.truncated = count_truncated(tokenizer, columns, self.input_ids, max_length)
         self.token_type_ids = encoded.get("token_type_ids") or [[0] * len(ids) for ids in self.input_ids]
         self.labels = torch.tensor([e.label for e in examples], dtype=torch.float32 if regression else torch.long)
         self.pad_token_id = tokenizer.pad_token_id
@@ -274,6 +289,16 @@ class CustomDataset(torch.utils.data.Dataset):
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
+
+
+def count_truncated(tokenizer, columns: list[list[str]], input_ids: list[list[int]], max_length: int) -> int:
+    """How many examples lost tokens to max_length: only those that came out exactly max_length long can
+    have, so only they are tokenised again without truncation."""
+    full = [i for i, ids in enumerate(input_ids) if len(ids) == max_length]
+    if not full:
+        return 0
+    again = tokenizer(*[[column[i] for i in full] for column in columns], truncation=False)["input_ids"]
+    return sum(len(ids) > max_length for ids in again)
 
 
 @dataclass

@@ -216,9 +216,82 @@ def test_usage_statistics():
     assert set(make().usage()) == {"perplexity", "live_fraction"}
 
 
+def test_straight_through_is_hard_forward_with_soft_query_gradient(seed):
+    tau = 1.5
+    st = make(soft_temperature=tau, straight_through=True, projection="learned", commitment_weight=0.0).train()
+    st.freeze_keys()
+    hidden, mask = batch()
+    hidden.requires_grad_()
+    out = st(hidden, mask)
+    hard = st.values[torch.arange(4), out.key_indices].mean(1)
+    torch.testing.assert_close(out.pooled, hard)  # the forward pass is exactly the hard lookup, in training too
+    upstream = torch.randn_like(out.pooled)
+    out.pooled.backward(upstream)
+    # Values: the exact gradient of the hard lookup (one-hot rows), not the soft mixture's.
+    values = st.values.detach().clone().requires_grad_()
+    values[torch.arange(4), out.key_indices].mean(1).backward(upstream)
+    torch.testing.assert_close(st.values.grad, values.grad)
+    # Queries: the gradient of the soft assignment, in float64.
+    queries = expected_queries(st, hidden, mask).double().detach().requires_grad_()
+    weights = torch.softmax(-(queries.unsqueeze(2) - st.keys.double().unsqueeze(0)).pow(2).sum(-1) / tau, dim=-1)
+    torch.einsum("nhk,hkv->nv", weights, st.values.double().detach()).div(4).backward(upstream.double())
+    expected = torch.einsum("nhd,hid->ni", queries.grad, st.projection.double().detach())
+    torch.testing.assert_close(hidden.grad[:, 0].double(), expected, rtol=1e-4, atol=1e-6)
+    assert hidden.grad[:, 1:].abs().sum() == 0  # cls pooling reads the first token only
+
+
+def test_straight_through_needs_a_soft_temperature():
+    with pytest.raises(ValueError, match="straight_through"):
+        BottleneckConfig(straight_through=True)
+
+
+def test_kmeans_draws_happen_on_the_generator_device(monkeypatch, seed):
+    """A generator works with data on any device: every draw is made on the generator's own device and only
+    the drawn numbers move to the data (torch.multinomial would need both on one device)."""
+    import keydistill.bottleneck as module
+    seen = []
+
+    def recording(draw):
+        def wrapped(*args, generator=None, device=None, **kwargs):
+            seen.append((device, generator.device if generator is not None else None))
+            return draw(*args, generator=generator, device=device, **kwargs)
+        return wrapped
+    monkeypatch.setattr(module.torch, "rand", recording(torch.rand))
+    monkeypatch.setattr(module.torch, "randint", recording(torch.randint))
+    monkeypatch.setattr(module.torch, "multinomial", None)  # never used: it needs the generator on the data's device
+    data = torch.randn(50, 4, 6)
+    generator = torch.Generator().manual_seed(seed)
+    centers = module.kmeans_plus_plus(data, 13, generator=generator)
+    assert len(seen) == 13 and all(device == gen_device for device, gen_device in seen)
+    monkeypatch.undo()
+    again = module.kmeans_plus_plus(data, 13, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(centers, again)  # the same seed gives the same keys
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_kmeans_with_a_cpu_generator_on_any_device_gives_the_cpu_keys(device, seed):
+    data = torch.randn(64, 2, 5)
+    on_cpu = DiscreteKeyBottleneck(10, BottleneckConfig(num_heads=2, num_keys=7))
+    on_device = DiscreteKeyBottleneck(10, BottleneckConfig(num_heads=2, num_keys=7)).to(device)
+    on_cpu.init_keys_(data, iters=0, generator=torch.Generator().manual_seed(seed))
+    on_device.init_keys_(data.to(device), iters=0, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(on_device.keys.cpu(), on_cpu.keys)
+
+
+def test_proportional_draws_follow_the_weights(seed):
+    from keydistill.bottleneck import _draw_proportional
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0, 4.0], [2.0, 0.0, 0.0, 2.0, 0.0]]).repeat(2000, 1)
+    drawn = _draw_proportional(weights, torch.Generator().manual_seed(seed)).view(2000, 2)
+    share = torch.stack([torch.bincount(drawn[:, h], minlength=5) for h in range(2)]).float() / 2000
+    expected = weights[:2] / weights[:2].sum(-1, keepdim=True)
+    assert (share[expected == 0] == 0).all()  # a zero weight is never drawn
+    torch.testing.assert_close(share, expected, atol=0.04, rtol=0)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"projection": "pca"}, "projection"), ({"pooling": "max"}, "pooling"), ({"decay": 1.0}, "decay"),
     ({"num_keys": 0}, "num_keys"), ({"soft_temperature": 0.0}, "soft_temperature"),
+    ({"soft_temperature": float("inf")}, "soft_temperature"),
 ])
 def test_config_rejects_bad_values(fields, message):
     with pytest.raises(ValueError, match=message):

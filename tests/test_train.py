@@ -1,7 +1,6 @@
 """keydistill.train end to end on a tiny random BERT: every stage, every output, resume after kill -9."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -9,59 +8,11 @@ import time
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from keydistill import checkpoint
 from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model, student_from_teacher
 from keydistill.train import TrainConfig, build_parser, parse_config, run_all
-
-WORDS = "good bad great awful fine movie film plot acting boring fun dull superb poor nice terrible".split()
-POSITIVE = {"good", "great", "fine", "fun", "superb", "nice"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def write_glue(root, rng: random.Random, task: str) -> None:
-    """Tiny SST-2 (single sentences) or STS-B (pairs, scores) files whose labels follow the words."""
-    for split, n in (("train", 72), ("dev", 24)):
-        if task == "sst2":
-            lines = ["sentence\tlabel"]
-            for _ in range(n):
-                words = rng.choices(WORDS, k=rng.randint(2, 7))
-                lines.append(f"{' '.join(words)}\t{int(2 * sum(w in POSITIVE for w in words) >= len(words))}")
-            folder = root / "SST-2"
-        else:
-            lines = ["sentence1\tsentence2\tscore"]
-            for _ in range(n):
-                a, b = rng.choices(WORDS, k=rng.randint(2, 5)), rng.choices(WORDS, k=rng.randint(2, 5))
-                lines.append(f"{' '.join(a)}\t{' '.join(b)}\t{5 * len(set(a) & set(b)) / len(set(a) | set(b)):.2f}")
-            folder = root / "STS-B"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random BERT with its tokenizer, and tiny GLUE folders."""
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = root / "model"
-    model_dir.mkdir()
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    for task in ("sst2", "stsb"):
-        write_glue(root / "glue", rng, task)
-    return root
-
-
-def tiny_args(tiny, out, *extra):
-    return ["--data-dir", str(tiny / "glue"), "--teacher", str(tiny / "model"), "--output-dir", str(out),
-            "--val-size", "16", "--num-heads", "4", "--num-keys", "8", "--kmeans-samples", "64",
-            "--batch-size", "8", "--eval-batch-size", "16", "--teacher-epochs", "1", "--bottleneck-epochs", "2",
-            "--epochs", "2", "--teacher-lr", "1e-3", "--lr", "1e-3", *extra]
+from train_fixtures import REPO, tiny, tiny_args  # noqa: F401  (tiny is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +75,28 @@ def test_key_ablation_table_from_a_saved_teacher(sst2_run, tiny, tmp_path):
     assert all(r["teacher test accuracy"] == sst2_run[1]["teacher"]["test"]["accuracy"] for r in rows)
     for keys in ("carry", "fresh", "none"):  # the teacher was reused, not retrained
         history = json.loads((tmp_path / f"keys_{keys}" / "metrics.json").read_text())["history"]
-        assert [e["stage"] for e in history] == ["student"]
+        # a fresh or key-less student first fits its own decoder (2 bottleneck epochs), a carried one does not
+        assert [e["stage"] for e in history] == ["student_decoder"] * 2 * (keys != "carry") + ["student"]
+    assert [r["agreement measured"] for r in rows] == ["same key ids", "after matching keys by assignment",
+                                                       "n/a (no student bottleneck)"]
     assert "| carry |" in (tmp_path / "ablation.md").read_text()
+    assert "| fresh | k-means on the student's own outputs |" in (tmp_path / "ablation.md").read_text()
+    teacher = load_model(teacher_dir)
+    fresh = load_model(tmp_path / "keys_fresh" / "student")
+    assert not torch.equal(fresh.bottleneck.keys, teacher.bottleneck.keys)  # its own codebook...
+    assert not torch.equal(fresh.bottleneck.values, teacher.bottleneck.values)  # ...with its own values
+    assert torch.equal(load_model(tmp_path / "keys_carry" / "student").bottleneck.keys, teacher.bottleneck.keys)
+
+
+def test_matched_key_agreement_sees_through_a_permutation_of_key_ids(seed):
+    from keydistill.train.evaluate import key_agreement
+    teacher = torch.randint(6, (500, 3))
+    permutation = torch.randperm(6)
+    student = permutation[teacher]  # the same partition of the data under other key ids
+    assert key_agreement(teacher, student, match=True) == 1.0
+    assert key_agreement(teacher, student, match=False) == (permutation[teacher] == teacher).float().mean().item()
+    noisy = torch.where(torch.rand(500, 3) < 0.2, torch.randint(6, (500, 3)), student)
+    assert 0.75 < key_agreement(teacher, noisy, match=True) < 1.0
 
 
 def test_resume_after_kill_9_matches_an_uninterrupted_run(sst2_run, tiny, tmp_path):
@@ -150,7 +121,9 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(sst2_run, tiny, tmp_pa
     for model in ("teacher", "student"):
         assert resumed[model] == whole[model]
     assert resumed["codebook"]["key_agreement"] == whole["codebook"]["key_agreement"]
-    assert [e["loss"] for e in resumed["history"]] == pytest.approx([e["loss"] for e in whole["history"]])
+    assert len(resumed["history"]) == len(whole["history"])
+    for got, want in zip(resumed["history"], whole["history"]):
+        assert got["loss"] == pytest.approx(want["loss"])
 
 
 def test_resume_refuses_changed_settings(sst2_run, tiny, capsys):

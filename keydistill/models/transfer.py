@@ -7,13 +7,14 @@ state), so the student starts by routing through exactly the teacher's keys.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
 from torch import nn
 from transformers import BertConfig, DistilBertConfig
 
-from keydistill.bottleneck import CODEBOOK_STATE
+from keydistill.bottleneck import CODEBOOK_STATE, TRAINING_FIELDS
 from keydistill.models.classifiers import BertWithKeyBottleneck, DistilBertWithKeyBottleneck
 
 # Teacher (BertModel) layer parameter -> student (DistilBertModel) layer parameter; each has weight and bias.
@@ -67,18 +68,26 @@ def student_config_from_teacher(teacher_config: BertConfig, num_layers: int) -> 
 
 
 def student_from_teacher(teacher: BertWithKeyBottleneck, layers: Sequence[int] | None = None, carry: bool = True,
-                         *, with_bottleneck: bool = True) -> DistilBertWithKeyBottleneck:
+                         *, with_bottleneck: bool = True,
+                         bottleneck_overrides: dict | None = None) -> DistilBertWithKeyBottleneck:
     """A student with the teacher's embeddings and `layers` (default every other layer), the teacher's
     bottleneck values, projection and head, and (carry=True) the teacher's keys and EMA state, all set
     before any student forward. It lives on the teacher's device, in the teacher's train/eval mode.
 
     with_bottleneck=False builds the plain-head student of the no-bottleneck ablation (encoder transferred,
-    head new); carry must then be False.
+    head new); carry must then be False. bottleneck_overrides sets the student's own training fields of the
+    bottleneck config (keydistill.bottleneck.TRAINING_FIELDS: commitment weight, soft assignment); the
+    codebook itself is always the teacher's.
     """
     if not isinstance(teacher, BertWithKeyBottleneck):
         raise TypeError(f"the teacher must be a BertWithKeyBottleneck, got {type(teacher).__name__}")
     layers = default_layers(teacher.config.num_hidden_layers) if layers is None else list(layers)
     bottleneck = teacher.bottleneck.config if with_bottleneck and teacher.bottleneck is not None else None
+    if bottleneck is not None and bottleneck_overrides:
+        unknown = set(bottleneck_overrides) - set(TRAINING_FIELDS)
+        if unknown:
+            raise ValueError(f"bottleneck_overrides may only set {TRAINING_FIELDS}, got {sorted(unknown)}")
+        bottleneck = dataclasses.replace(bottleneck, **bottleneck_overrides)
     if carry and bottleneck is None:
         raise ValueError("carry=True needs a bottleneck on both teacher and student")
     config = student_config_from_teacher(teacher.config, num_layers=len(layers))
@@ -174,7 +183,7 @@ def _head_plan(teacher, student) -> dict:
     """Head plus every non-codebook bottleneck tensor (values, and the projection unless it is a split)."""
     t_config = teacher.bottleneck.config if teacher.bottleneck is not None else None
     s_config = student.bottleneck.config if student.bottleneck is not None else None
-    if t_config != s_config:
+    if (t_config is None) != (s_config is None) or (t_config is not None and t_config.codebook() != s_config.codebook()):
         raise ValueError(f"bottleneck configs differ: teacher {t_config}, student {s_config}")
     if teacher.num_labels != student.num_labels:
         raise ValueError(f"num_labels differ: teacher {teacher.num_labels}, student {student.num_labels}")

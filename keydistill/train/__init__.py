@@ -1,0 +1,27 @@
+"""`python -m keydistill.train`: teacher -> student -> distillation -> test, one module per stage.
+
+Stages (each resumable with --resume; finished stages are skipped):
+1. teacher   load --teacher-checkpoint (its bottleneck and tokenizer are authoritative), or build from
+             --teacher and train it:
+             finetune: fine-tune the encoder with a plain head, then fit the bottleneck on top;
+             frozen:   the DKVB recipe, the pretrained encoder stays frozen.
+             Fitting the bottleneck runs on cached encoder outputs (the encoder no longer changes):
+             k-means key init, EMA passes over the keys, then values and head trained with the keys fixed.
+2. student   student_from_teacher (embeddings + every other layer, keys carried / fresh / none; a fresh or
+             key-less student's decoder is fitted on its own outputs first), then distillation:
+             alpha * KD + (1 - alpha) * task + feature loss + commitment, with the teacher's logits and
+             sentence features computed once per example (no grad) and cached.
+3. test      the best student and the teacher on GLUE's labelled dev split(s).
+
+Outputs in --output-dir: config.json, metrics.json, training_curves.png, teacher/ and student/
+(save_pretrained folders with the tokenizer), checkpoints/ (atomic safetensors), a summary on stdout.
+
+Modules: config (settings, command line, validation), context (data, teacher resolution, output folder),
+features (batches, cached encoder outputs), loop (the shared training loop), teacher, student, evaluate,
+job (the whole run and the command-line wrapper).
+"""
+from keydistill.train.config import ConfigError, RunError, TrainConfig, build_parser, parse_config, validate
+from keydistill.train.job import main, run_all, run_cli
+
+__all__ = ["TrainConfig", "build_parser", "parse_config", "validate", "run_all", "run_cli", "main",
+           "RunError", "ConfigError"]

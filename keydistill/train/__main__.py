@@ -1,0 +1,5 @@
+import sys
+
+from keydistill.train.job import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""The run context: settings checked against the data and the teacher, the output folder, the datasets.
+
+Everything a user can get wrong is found here, before the first training step: the settings (config.validate),
+the data (file:line:column errors), a teacher checkpoint's bottleneck against the flags, and whether k-means
+will see enough vectors for the keys asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from keydistill.bottleneck import BottleneckConfig
+from keydistill.checkpoint import write_json
+from keydistill.data import CustomDataset, GlueTask, get_task, load_task
+from keydistill.models.classifiers import is_checkpoint, read_checkpoint_config
+from keydistill.train.config import BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig, validate
+
+# What a finished or interrupted run leaves in its output folder; a new run (without --resume) replaces it.
+RUN_OUTPUTS = ("checkpoints", "teacher", "student", "progress.json", "metrics.json", "training_curves.png")
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    task: GlueTask
+    device: torch.device
+    tokenizer: object
+    teacher_bottleneck: BottleneckConfig  # the teacher's: a loaded checkpoint's own, or the settings'
+    train: CustomDataset
+    val: CustomDataset
+    tests: dict[str, CustomDataset]
+    progress: dict  # stage name -> result, for finished stages (progress.json)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.cfg.out / "checkpoints"
+
+    @property
+    def pooling(self) -> str:
+        return self.teacher_bottleneck.pooling
+
+    def finish_stage(self, name: str, result: dict) -> None:
+        self.progress[name] = result
+        write_json(self.cfg.out / "progress.json", self.progress)
+
+    def autocast(self):
+        if not self.cfg.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the settings, load and tokenise the data, check what depends on both, then prepare the folder."""
+    validate(cfg)
+    bottleneck, tokenizer_source = resolve_teacher(cfg)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    task = get_task(cfg.task)
+    data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+                     max_eval_samples=cfg.max_eval_samples, skip_bad_rows=cfg.skip_bad_rows)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer {tokenizer_source!r}: {e}") from None
+
+    def dataset(examples):
+        return CustomDataset(examples, tokenizer, cfg.max_length, regression=task.is_regression)
+
+    train, val, tests = dataset(data.train), dataset(data.val), {k: dataset(v) for k, v in data.test.items()}
+    report_rows(cfg, task, data, train, val, tests)
+    check_kmeans_has_enough_vectors(cfg, bottleneck, train)
+    progress = prepare_output_dir(cfg)
+    return Run(cfg, task, device, tokenizer, bottleneck, train, val, tests, progress)
+
+
+def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> None:
+    """Where the rows went, and how many lost tokens to --max-length."""
+    if data.skipped_rows:
+        print(f"--skip-bad-rows: skipped {data.skipped_rows} malformed row(s)")
+    splits = {"train": train, "val": val, **tests}
+    print(f"{task.name}: " + ", ".join(f"{len(ds)} {name}" for name, ds in splits.items())
+          + f" (val held out of GLUE train{'' if cfg.val_size else ', 10% with floor 100 and cap 1000'}; "
+          f"test is GLUE dev)")
+    truncated = {name: ds.truncated for name, ds in splits.items() if ds.truncated}
+    if truncated:
+        print(f"truncated at --max-length {cfg.max_length}: "
+              + ", ".join(f"{n} of {len(splits[name])} {name}" for name, n in truncated.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher's bottleneck and tokenizer: a loaded checkpoint is the source of truth
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
+    """(the teacher's bottleneck, where its tokenizer comes from)."""
+    if not cfg.teacher_checkpoint:
+        hidden = _encoder_width(cfg.teacher)
+        bottleneck = cfg.teacher_bottleneck()
+        try:
+            bottleneck.key_dim_for(hidden)
+        except ValueError as e:
+            raise ConfigError(f"bottleneck on {cfg.teacher} (width {hidden}): {e}") from None
+        return bottleneck, cfg.tokenizer or cfg.teacher
+    folder = Path(cfg.teacher_checkpoint)
+    if not is_checkpoint(folder):
+        raise ConfigError(f"--teacher-checkpoint {folder}: not a keydistill model folder (no keydistill_config.json)")
+    meta = read_checkpoint_config(folder)
+    if meta["model_class"] != "BertWithKeyBottleneck" or meta["bottleneck"] is None:
+        raise ConfigError(f"--teacher-checkpoint {folder}: holds a {meta['model_class']}"
+                          f"{' without a bottleneck' if meta['bottleneck'] is None else ''}, not a BERT teacher with keys")
+    saved = BottleneckConfig.from_dict(meta["bottleneck"])
+    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)} but the teacher has {getattr(saved, k)}"
+                 for k in BOTTLENECK_DEFAULTS if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(saved, k)]
+    conflicts += [f"--bottleneck {cfg.bottleneck} sets {k}={v} but the teacher has {getattr(saved, k)}"
+                  for k, v in BOTTLENECK_PRESETS[cfg.bottleneck].items() if getattr(saved, k) != v]
+    if conflicts:
+        raise ConfigError(f"--teacher-checkpoint {folder} is the source of truth for its bottleneck: "
+                          + "; ".join(conflicts) + " (drop the flag to use the teacher's)")
+    if cfg.tokenizer:
+        return saved, cfg.tokenizer
+    if not (folder / "tokenizer_config.json").exists():
+        raise ConfigError(f"--teacher-checkpoint {folder} has no tokenizer (tokenizer_config.json); "
+                          "say which with --tokenizer")
+    return saved, str(folder)
+
+
+def _encoder_width(name: str) -> int:
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the teacher {name!r}: {e}") from None
+    return config.hidden_size
+
+
+def check_kmeans_has_enough_vectors(cfg: TrainConfig, bottleneck: BottleneckConfig, train: CustomDataset) -> None:
+    """k-means (a new teacher's keys, or fresh student keys) needs at least K vectors; known from the data."""
+    if cfg.teacher_checkpoint and cfg.keys != "fresh":
+        return
+    per_example = "one per example" if bottleneck.pooling == "cls" else "one per token"
+    available = len(train) if bottleneck.pooling == "cls" else sum(train.lengths())
+    seen = min(available, cfg.kmeans_samples)
+    if seen < bottleneck.num_keys:
+        raise ConfigError(f"k-means needs at least num_keys={bottleneck.num_keys} vectors but will see {seen} "
+                          f"({available} from {len(train)} training rows, {per_example}, capped by --kmeans-samples "
+                          f"{cfg.kmeans_samples}); lower --num-keys or use more training rows")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The output folder
+# ----------------------------------------------------------------------------------------------------------
+
+def prepare_output_dir(cfg: TrainConfig) -> dict:
+    """Create the output folder; return the progress of a resumed run, or clear (and name) an old run's state."""
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.json"
+    if cfg.resume and saved.exists():
+        before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "resume"}
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if changed:
+            raise RunError(f"--resume with settings that differ from {saved}: "
+                           + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        progress = out / "progress.json"
+        return json.loads(progress.read_text()) if progress.exists() else {}
+    keep = Path(cfg.teacher_checkpoint).resolve() if cfg.teacher_checkpoint else None
+    stale = [name for name in RUN_OUTPUTS if (out / name).exists() and (out / name).resolve() != keep]
+    if stale:
+        print(f"{out}: replacing the previous run's {', '.join(stale)} (use --resume to continue it instead)")
+    for name in stale:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    write_json(saved, dataclasses.asdict(cfg))
+    return {}

@@ -1,0 +1,76 @@
+"""Batches on the device, and cached encoder outputs: a dataset of the vectors a bottleneck reads.
+
+Once an encoder is fixed, its outputs can be computed once and the bottleneck and head trained on them
+(the teacher's bottleneck fit; a fresh student's decoder fit), which costs a fraction of a full forward.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from keydistill.data import Collator, CustomDataset, eval_batches
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Per example, the encoder outputs at the positions the bottleneck keeps ([1, dim] for cls pooling)."""
+
+    def __init__(self, features: list[torch.Tensor], labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"hidden": self.features[i], "labels": self.labels[i], "index": i}
+
+    def lengths(self) -> list[int]:
+        return [len(f) for f in self.features]
+
+    def pooled(self) -> torch.Tensor:
+        """[N, dim]: each example's sentence feature (the first token, or the mean of its tokens)."""
+        return torch.stack([f.mean(0) for f in self.features])
+
+
+def collate_features(items: list[dict]) -> dict[str, torch.Tensor]:
+    hidden = torch.nn.utils.rnn.pad_sequence([it["hidden"] for it in items], batch_first=True)
+    lengths = torch.tensor([len(it["hidden"]) for it in items])
+    return {"hidden": hidden, "attention_mask": (torch.arange(hidden.shape[1]) < lengths.unsqueeze(1)).long(),
+            "labels": torch.stack([it["labels"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+
+
+def forward(model, batch: dict, with_labels: bool = True):
+    """Run a model on a token batch, or only what follows its encoder on a cached-feature batch."""
+    labels = batch["labels"] if with_labels else None
+    if "hidden" in batch:
+        return model.forward_hidden(batch["hidden"], batch["attention_mask"], labels=labels)
+    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=labels)
+
+
+def batches_on(device: torch.device, dataset, collate, batch_indices):
+    """(indices, batch moved to device) per batch of example indices."""
+    for indices in batch_indices:
+        batch = collate([dataset[i] for i in indices])
+        yield indices, {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def pooling_of(model) -> str:
+    """What a model's head reads: its bottleneck's pooling, or the first token without a bottleneck."""
+    return model.bottleneck.config.pooling if model.bottleneck is not None else "cls"
+
+
+@torch.no_grad()
+def encode(run, model, dataset: CustomDataset, desc: str) -> FeatureDataset:
+    """The model's encoder outputs at its bottleneck's kept positions, per example, in dataset order."""
+    model.eval()
+    features: list[torch.Tensor | None] = [None] * len(dataset)
+    collate = Collator(run.tokenizer.pad_token_id)
+    cls_only = pooling_of(model) == "cls"
+    batches = eval_batches(dataset.lengths(), run.cfg.eval_batch_size)
+    for indices, batch in tqdm(batches_on(run.device, dataset, collate, batches), total=len(batches), desc=desc,
+                               unit="batch", mininterval=2):
+        with run.autocast():
+            hidden = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).hidden_states
+        for row, i in enumerate(indices):
+            kept = hidden[row, :1] if cls_only else hidden[row][batch["attention_mask"][row].bool()]
+            features[i] = kept.float().clone()
+    return FeatureDataset(features, dataset.labels.to(run.device))

@@ -1,0 +1,74 @@
+"""The whole job: teacher -> student -> test, then metrics.json, the curves PNG and the summary; and the
+command-line wrapper that turns every error a user can cause into one line and exit status 2."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+from keydistill.checkpoint import write_json
+from keydistill.data import Collator, DataError
+from keydistill.ops import BackendUnavailable
+from keydistill.train.config import RunError, TrainConfig, parse_config
+from keydistill.train.context import setup
+from keydistill.train.evaluate import codebook_report, predict, score
+from keydistill.train.student import student_stage
+from keydistill.train.teacher import teacher_stage
+
+STAGES = ("teacher_finetune", "teacher_bottleneck", "student_decoder", "student")
+
+
+def test_stage(run, teacher, student) -> tuple[dict, dict]:
+    """Metrics of both models on val and every test split, and the codebook report on the first test split."""
+    collate = Collator(run.tokenizer.pad_token_id)
+    results, primary = {}, {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        results[name] = {"val": score(run.task, predict(run, model, run.val, collate).logits, run.val.labels)}
+        for split, dataset in run.tests.items():
+            pred = predict(run, model, dataset, collate)
+            results[name][split] = score(run.task, pred.logits, dataset.labels)
+            primary.setdefault(name, pred)
+        if "test" not in results[name]:  # mnli: the matched split is "test"
+            results[name]["test"] = results[name][next(iter(run.tests))]
+    return results, codebook_report(teacher, student, primary["teacher"], primary["student"], run.cfg.keys)
+
+
+def run_all(cfg: TrainConfig) -> dict:
+    """Every stage, then metrics.json, the curves PNG and the summary. Returns the metrics."""
+    from keydistill.report import plot_run, summary_table
+    started = time.perf_counter()
+    run = setup(cfg)
+    teacher, teacher_train = teacher_stage(run)
+    student, student_result = student_stage(run, teacher, teacher_train)
+    results, codebook = test_stage(run, teacher, student)
+    history = [entry for name in STAGES for entry in run.progress.get(name, {}).get("history", [])]
+    metrics = {"task": run.task.name, "teacher": results["teacher"], "student": results["student"],
+               "history": history, "codebook": codebook,
+               "steps_to_best_val": student_result["best_step"],
+               "curves": {name: run.progress[name]["curve"] for name in STAGES if name in run.progress},
+               "teacher_params": sum(p.numel() for p in teacher.parameters()),
+               "student_params": sum(p.numel() for p in student.parameters()),
+               "rows": {"train": len(run.train), "val": len(run.val), **{k: len(v) for k, v in run.tests.items()}},
+               "seconds": time.perf_counter() - started}
+    write_json(cfg.out / "metrics.json", metrics)
+    plot_run(metrics, cfg.out / "training_curves.png")
+    print(summary_table(metrics, run.task.metrics))
+    return metrics
+
+
+def run_cli(run: Callable[[TrainConfig], object], cfg: TrainConfig) -> int:
+    """Run `run(cfg)` for a command line: bad data or settings print one line (no traceback) and exit 2;
+    an interruption says how to continue and exits 130."""
+    try:
+        run(cfg)
+    except (DataError, RunError, BackendUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: continue with the same command and --resume (checkpoints in {cfg.out})", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run_all, parse_config(argv))

@@ -1,0 +1,71 @@
+"""Stage 2, the student: built from the teacher, its decoder made by the variant's rule, then distilled.
+
+The three --keys variants differ only in the codebook, and each starts from a decoder fitted to its own
+routing, so the ablation compares like with like:
+- carry: the teacher's keys with the teacher's values and head (fitted by the teacher on these keys);
+- fresh: k-means keys on the student's own outputs, values and head re-initialised and fitted on them by the
+  teacher's recipe (stages.teacher.fit_decoder): values are indexed by key ids, so the teacher's would be
+  a meaningless permutation;
+- none: no bottleneck; a new head fitted the same way on the student's first-token outputs.
+And each gets the same gradient paths into the encoder: the feature loss always; the soft and task losses
+only when the lookup passes them (--soft-temperature), so under the hard lookup the no-bottleneck head
+reads a detached encoder output too. The commitment loss exists only where there are keys.
+"""
+from __future__ import annotations
+
+import torch
+
+from keydistill.data import Collator
+from keydistill.losses import DistillationWeights, distillation_loss, sentence_features
+from keydistill.models import student_from_teacher
+from keydistill.train.evaluate import evaluator, predict
+from keydistill.train.features import FeatureDataset, collate_features, encode, forward
+from keydistill.train.loop import Stage, fit, trainable
+from keydistill.train.teacher import fit_decoder, save_model
+
+
+def student_stage(run, teacher, teacher_train: FeatureDataset):
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed + 1)
+    student = student_from_teacher(teacher, cfg.layers(teacher.config.num_hidden_layers), carry=cfg.keys == "carry",
+                                   with_bottleneck=cfg.keys != "none", bottleneck_overrides=cfg.student_training())
+    if cfg.keys != "carry":
+        fit_own_decoder(run, student)
+    if student.bottleneck is not None and not cfg.student_ema:
+        # Carried keys chasing the untrained student's outputs would forget the teacher's codebook.
+        student.bottleneck.freeze_keys()
+    # The teacher's soft targets and features, once per training example, without gradients.
+    teacher_logits = predict(run, teacher, teacher_train, collate_features).logits
+    teacher_features = teacher_train.pooled()
+    weights = DistillationWeights(cfg.alpha, cfg.temperature, cfg.feature_weight)
+    # Under the hard lookup the soft and task losses stop at the values; a head without keys must stop there too.
+    detach_head = student.bottleneck is None and cfg.soft_temperature is None
+
+    def loss(model, batch):
+        out = forward(model, batch)
+        features = sentence_features(out.hidden_states, batch["attention_mask"], run.pooling)
+        if detach_head:
+            out = model.forward_hidden(out.hidden_states.detach(), batch["attention_mask"], labels=batch["labels"])
+        index = batch["index"]
+        return distillation_loss(out, teacher_logits[index], teacher_features[index], features, weights)
+
+    collate = Collator(run.tokenizer.pad_token_id)
+    result = fit(run, Stage("student", student, trainable(student, cfg), cfg.epochs, cfg.lr, run.train, collate,
+                            loss, evaluator(run, student, run.val, collate)))
+    save_model(run, student, cfg.out / "student")
+    return student, result
+
+
+def fit_own_decoder(run, student) -> None:
+    """A fresh or key-less student's decoder: re-initialised, then fitted on its own cached outputs."""
+    if "student_decoder" not in run.progress:
+        with torch.no_grad():
+            student.head.reset_parameters()
+            if student.bottleneck is not None:
+                student.bottleneck.values.normal_(0.0, 0.02)
+    encoder_trains = [p.requires_grad for p in student.encoder.parameters()]
+    student.encoder.requires_grad_(False)  # fixed while its outputs are cached
+    fit_decoder(run, student, "student_decoder", encode(run, student, run.train, "student outputs"),
+                encode(run, student, run.val, "student val outputs"))
+    for p, trains in zip(student.encoder.parameters(), encoder_trains):
+        p.requires_grad_(trains)

@@ -1,0 +1,83 @@
+"""Stage 1, the teacher: load one, or fine-tune the encoder with a plain head and fit the bottleneck on top.
+
+Fitting the bottleneck runs on cached encoder outputs (the encoder no longer changes): k-means key init,
+EMA passes over the keys, then values and head trained with the keys fixed. The same recipe fits a fresh
+student's decoder (stages.student), so both codebooks are made alike.
+"""
+from __future__ import annotations
+
+import torch
+
+from keydistill.data import Collator, eval_batches
+from keydistill.models import BertWithKeyBottleneck, load_model
+from keydistill.train.config import RunError
+from keydistill.train.evaluate import evaluator
+from keydistill.train.features import FeatureDataset, batches_on, collate_features, encode
+from keydistill.train.loop import Stage, fit, token_loss, trainable
+
+
+def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
+    """The trained teacher and its cached encoder outputs on the training split."""
+    cfg = run.cfg
+    folder = cfg.out / "teacher"
+    if cfg.teacher_checkpoint or "teacher" in run.progress:
+        teacher = load_model(cfg.teacher_checkpoint or folder).to(run.device)
+        if teacher.num_labels != run.task.num_labels:
+            raise RunError(f"{cfg.teacher_checkpoint or folder}: a teacher with {teacher.num_labels} label(s) cannot "
+                           f"teach {run.task.name}, which has {run.task.num_labels}")
+        return teacher, encode(run, teacher, run.train, "teacher outputs")
+    torch.manual_seed(cfg.seed)
+    try:
+        teacher = BertWithKeyBottleneck.from_pretrained(cfg.teacher, num_labels=run.task.num_labels,
+                                                        bottleneck=run.teacher_bottleneck)
+    except OSError as e:
+        raise RunError(f"cannot load the teacher encoder {cfg.teacher!r}: {e}") from None
+    teacher.to(run.device)
+    collate = Collator(run.tokenizer.pad_token_id)
+    if cfg.teacher_encoder == "finetune":
+        plain = BertWithKeyBottleneck(teacher.config, None, run.task.num_labels, encoder=teacher.encoder).to(run.device)
+        fit(run, Stage("teacher_finetune", plain, trainable(plain, cfg), cfg.teacher_epochs, cfg.teacher_lr,
+                       run.train, collate, token_loss, evaluator(run, plain, run.val, collate)))
+    teacher.encoder.requires_grad_(False)  # from here on the encoder is fixed: its outputs can be cached
+    train_features = encode(run, teacher, run.train, "teacher outputs")
+    fit_decoder(run, teacher, "teacher_bottleneck", train_features, encode(run, teacher, run.val, "teacher val outputs"))
+    save_model(run, teacher, folder)
+    run.finish_stage("teacher", {"folder": str(folder)})
+    return teacher, train_features
+
+
+def save_model(run, model, folder) -> None:
+    """A loadable model folder: weights, config with the task's label names, tokenizer."""
+    model.save_pretrained(folder)
+    run.tokenizer.save_pretrained(folder)
+
+
+def fit_decoder(run, model, name: str, train: FeatureDataset, val: FeatureDataset) -> None:
+    """What follows a fixed encoder, fitted on its cached outputs: with a bottleneck, k-means keys and EMA
+    passes, then values and head trained with the keys fixed; without one, the head alone."""
+    cfg, bottleneck = run.cfg, model.bottleneck
+    torch.manual_seed(cfg.seed + 2)  # dead-key restarts draw from it: same draws whether resumed or not
+    if bottleneck is not None and name not in run.progress:
+        init_keys(run, model, train)
+        bottleneck.train()
+        with torch.no_grad():
+            for _ in range(cfg.key_passes):
+                for _, batch in batches_on(run.device, train, collate_features, eval_batches(train.lengths(), cfg.eval_batch_size)):
+                    bottleneck(batch["hidden"], batch["attention_mask"])
+    if bottleneck is not None:
+        bottleneck.freeze_keys()
+    fit(run, Stage(name, model, [p for p in model.parameters() if p.requires_grad], cfg.bottleneck_epochs,
+                   cfg.bottleneck_lr, train, collate_features, token_loss, evaluator(run, model, val, collate_features)))
+    if bottleneck is not None:
+        bottleneck.unfreeze_keys()
+
+
+def init_keys(run, model, features: FeatureDataset) -> None:
+    """k-means keys from a seeded sample of encoder outputs (at most kmeans_samples vectors).
+
+    The generator lives on the CPU whatever the device: the same seed then gives the same keys on a CPU and
+    a GPU, and the k-means draws take a generator on any device (bottleneck.kmeans_plus_plus)."""
+    generator = torch.Generator().manual_seed(run.cfg.seed)
+    vectors = torch.cat(features.features)
+    sample = torch.randperm(len(vectors), generator=generator)[:run.cfg.kmeans_samples].to(vectors.device)
+    model.bottleneck.init_keys_(model.bottleneck.project(vectors[sample]), generator=generator.manual_seed(run.cfg.seed))

@@ -1,0 +1,105 @@
+"""The shared training loop: accumulation weighted like one large batch, no decay on biases and LayerNorm,
+and checkpoints that survive a kill between any two writes."""
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig
+
+from keydistill import checkpoint
+from keydistill.bottleneck import BottleneckConfig
+from keydistill.losses import DistillationWeights, distillation_loss
+from keydistill.models import BertWithKeyBottleneck
+from keydistill.train import parse_config, run_all
+from keydistill.train.loop import accumulation_weights, param_groups
+from train_fixtures import tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+
+
+def tiny_model() -> BertWithKeyBottleneck:
+    config = BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    return BertWithKeyBottleneck(config, BottleneckConfig(num_heads=4, num_keys=5, soft_temperature=1.0), 3)
+
+
+def test_accumulation_weights_are_shares_of_the_step():
+    batches = [[0, 1, 2], [3, 4, 5], [6], [7, 8, 9], [10]]  # steps of 3 micro-batches: 7 examples, then 4
+    assert accumulation_weights(batches, 3) == pytest.approx([3 / 7, 3 / 7, 1 / 7, 3 / 4, 1 / 4])
+    assert accumulation_weights(batches, 1) == [1.0] * 5
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(seed):
+    model = tiny_model().train()
+    model.bottleneck.freeze_keys()  # the EMA would change the keys between the two passes
+    hidden, labels = torch.randn(11, 1, 16), torch.randint(3, (11,))
+    teacher_logits, teacher_features = torch.randn(11, 3), torch.randn(11, 16)
+    weights = DistillationWeights(alpha=0.5, temperature=2.0, feature_weight=1.0)
+
+    def loss(rows):
+        out = model.forward_hidden(hidden[rows], labels=labels[rows])
+        return distillation_loss(out, teacher_logits[rows], teacher_features[rows], hidden[rows, 0], weights)["total"]
+
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]  # a short last micro-batch
+    for batch, weight in zip(batches, accumulation_weights(batches, 3)):
+        (loss(batch) * weight).backward()
+    accumulated = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    loss(list(range(11))).backward()
+    whole = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(accumulated) == len(whole) > 0
+    for a, b in zip(accumulated, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_weight_decay_on_biases_and_layer_norms():
+    model = tiny_model()
+    groups = param_groups(model, list(model.parameters()), 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    exempt = {names[id(p)] for p in groups[1]["params"]}
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.01, 0.0)
+    assert exempt == {n for n in names.values() if n.endswith("bias") or "LayerNorm" in n}
+    assert "bottleneck.values" in decayed and "head.weight" in decayed and not decayed & exempt
+    assert decayed | exempt == set(names.values())
+
+
+class Killed(BaseException):
+    """A kill -9 between two writes (every write is atomic, so a kill at any instant is one of these)."""
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loop_teacher")
+    run_all(parse_config(tiny_args(tiny, out, "--epochs", "1")))
+    return str(out / "teacher")
+
+
+def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_dir, tmp_path, monkeypatch):
+    # eval_every puts "best" writes mid-epoch, between "latest" writes: the order the loop must get right
+    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2", "--eval-every", "3"]
+    real = checkpoint._replace_atomically
+    written = []
+
+    def counting(path, write):
+        real(path, write)
+        written.append(path.name)
+    monkeypatch.setattr(checkpoint, "_replace_atomically", counting)
+    whole = run_all(parse_config(tiny_args(tiny, tmp_path / "whole", *args)))
+    assert {"student.best.safetensors", "student.latest.safetensors", "progress.json"} <= set(written)
+
+    for kill_after in range(1, len(written)):
+        out = tmp_path / f"killed_after_{kill_after}"
+        count = 0
+
+        def killing(path, write):
+            nonlocal count
+            real(path, write)
+            count += 1
+            if count == kill_after:
+                raise Killed
+        monkeypatch.setattr(checkpoint, "_replace_atomically", killing)
+        with pytest.raises(Killed):
+            run_all(parse_config(tiny_args(tiny, out, *args)))
+        monkeypatch.setattr(checkpoint, "_replace_atomically", real)
+        resumed = run_all(parse_config(tiny_args(tiny, out, *args, "--resume")))
+        where = f"killed after write {kill_after} ({written[kill_after - 1]})"
+        assert resumed["student"] == whole["student"], where
+        assert resumed["steps_to_best_val"] == whole["steps_to_best_val"], where
+        assert [e["val"] for e in resumed["history"]] == [e["val"] for e in whole["history"]], where

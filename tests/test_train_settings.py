@@ -1,0 +1,130 @@
+"""The training job checks its settings before any work: every impossible setting is one line and exit 2,
+a loaded teacher's bottleneck and tokenizer are authoritative, and an old run's outputs are named before
+they are replaced."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from keydistill.models import load_model
+from keydistill.train import ConfigError, main, parse_config, run_all
+from keydistill.train.context import setup
+from train_fixtures import tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+
+BAD_SETTINGS = [  # (extra flags, words the one-line error must contain)
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
+    (["--max-eval-samples", "0"], "--max-eval-samples must be at least 1"),
+    (["--max-train-samples", "0"], "--max-train-samples must be at least 1"),
+    (["--val-size", "0"], "--val-size must be at least 1"),
+    (["--alpha", "1.5"], "--alpha must lie in [0, 1]"),
+    (["--alpha", "-0.1"], "--alpha must lie in [0, 1]"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--teacher-lr", "nan"], "--teacher-lr must be a finite number > 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--warmup-ratio", "1"], "--warmup-ratio must lie in [0, 1)"),
+    (["--max-length", "1"], "--max-length must be at least 2"),
+    (["--kmeans-samples", "0"], "--kmeans-samples must be at least 1"),
+    (["--num-keys", "0"], "--num-keys must be at least 1"),
+    (["--teacher-epochs", "0"], "--teacher-epochs >= 1"),
+    (["--student-layers", "a,b"], "--student-layers must be comma-separated layer numbers"),
+    (["--student-layers", "1,1"], "--student-layers must name distinct layers"),
+    (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "--device cuda:"),
+    (["--soft-temperature", "-1"], "--soft-temperature must be a finite number > 0"),
+    (["--straight-through"], "--straight-through takes its backward pass from the soft assignment"),
+    (["--feature-weight", "0", "--commitment-weight", "0"], "the student encoder would get no gradient"),
+    (["--keys", "none", "--feature-weight", "0"], "the student encoder would get no gradient"),
+    (["--num-heads", "5"], "needs num_heads * key_dim == dim"),  # the tiny teacher is 32 wide
+    (["--output-dir", "runs/{model}"], "only {task} may be filled in"),
+    (["--teacher", "/nowhere/model"], "cannot load the teacher"),
+    (["--max-train-samples", "5", "--val-size", "16"], "k-means needs at least num_keys=8 vectors but will see 5"),
+    (["--max-train-samples", "20", "--kmeans-samples", "6"], "capped by --kmeans-samples 6"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_SETTINGS, ids=[" ".join(e) for e, _ in BAD_SETTINGS])
+def test_each_bad_setting_is_one_line_before_any_work(tiny, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert main(tiny_args(tiny, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (out / "teacher").exists() and not (out / "checkpoints").exists()  # nothing was trained
+
+
+def test_several_problems_are_reported_together(tiny, tmp_path, capsys):
+    assert main(tiny_args(tiny, tmp_path, "--epochs", "0", "--alpha", "2")) == 2
+    err = capsys.readouterr().err
+    assert "2 settings cannot work" in err and "--epochs" in err and "--alpha" in err
+
+
+@pytest.fixture(scope="module")
+def mean_teacher(tiny, tmp_path_factory):
+    """A teacher trained with mean pooling, 2 heads and 6 keys (not the defaults), saved without a run around it."""
+    out = tmp_path_factory.mktemp("mean_teacher")
+    run_all(parse_config(tiny_args(tiny, out, "--pooling", "mean", "--num-heads", "2", "--num-keys", "6",
+                                   "--epochs", "1")))
+    return out / "teacher"
+
+
+def test_a_loaded_teacher_bottleneck_is_used_under_default_flags(tiny, mean_teacher, tmp_path):
+    args = tiny_args(tiny, tmp_path, "--teacher-checkpoint", str(mean_teacher), "--epochs", "1")
+    args.remove("--num-heads"), args.remove("4"), args.remove("--num-keys"), args.remove("8")  # the defaults now
+    run = setup(parse_config(args))
+    assert (run.pooling, run.teacher_bottleneck.num_heads, run.teacher_bottleneck.num_keys) == ("mean", 2, 6)
+    metrics = run_all(parse_config(args))
+    student = load_model(tmp_path / "student")
+    assert student.bottleneck.config.pooling == "mean" and student.bottleneck.keys.shape[:2] == (2, 6)
+    # Mean pooling keeps every token: the student's test lookups are one per token, not one per sentence.
+    assert sum(sum(h) for h in metrics["codebook"]["student"]["key_counts"]) > 2 * metrics["rows"]["test"]
+
+
+@pytest.mark.parametrize("flag, value, saved", [("--pooling", "cls", "mean"), ("--num-heads", "4", "2"),
+                                                ("--num-keys", "8", "6"), ("--projection", "random", "split")])
+def test_a_flag_contradicting_the_teacher_names_both_values(tiny, mean_teacher, tmp_path, capsys, flag, value, saved):
+    args = tiny_args(tiny, tmp_path, "--teacher-checkpoint", str(mean_teacher))
+    for name in ("--num-heads", "--num-keys"):  # tiny_args sets 4 heads and 8 keys; keep only the flag under test
+        i = args.index(name)
+        del args[i:i + 2]
+    assert main(args + [flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {value} but the teacher has {saved}" in err and "source of truth" in err
+
+
+def test_a_teacher_without_tokenizer_needs_tokenizer_flag(tiny, mean_teacher, tmp_path, capsys):
+    bare = tmp_path / "bare_teacher"
+    shutil.copytree(mean_teacher, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special_tokens*"))
+    args = tiny_args(tiny, tmp_path / "out", "--teacher-checkpoint", str(bare), "--num-heads", "2", "--num-keys", "6")
+    assert main(args) == 2
+    assert "has no tokenizer (tokenizer_config.json); say which with --tokenizer" in capsys.readouterr().err
+    run = setup(parse_config(args + ["--tokenizer", str(tiny / "model")]))
+    assert run.tokenizer.pad_token_id == 0
+
+
+def test_not_a_teacher_checkpoint_is_a_config_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="not a keydistill model folder"):
+        setup(parse_config(tiny_args(tiny, tmp_path, "--teacher-checkpoint", str(tiny / "model"))))
+
+
+def test_a_new_run_names_what_it_replaces(tiny, mean_teacher, tmp_path, capsys):
+    args = tiny_args(tiny, tmp_path, "--teacher-checkpoint", str(mean_teacher), "--num-heads", "2", "--num-keys", "6",
+                     "--epochs", "1")
+    run_all(parse_config(args))
+    capsys.readouterr()
+    run_all(parse_config(args))
+    out = capsys.readouterr().out
+    assert "replacing the previous run's checkpoints, student, progress.json, metrics.json, training_curves.png" in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["task"] == "sst2"
+
+
+def test_truncation_is_counted_and_printed(tiny, tmp_path, capsys):
+    run = setup(parse_config(tiny_args(tiny, tmp_path, "--max-length", "5")))
+    # every sentence has 2 to 7 words plus [CLS] and [SEP]: those with more than 3 words lost tokens
+    lengths = [len(line.split("\t")[0].split()) for line in (tiny / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[1:]]
+    assert run.train.truncated + run.val.truncated == sum(n > 3 for n in lengths)
+    assert f"truncated at --max-length 5: {run.train.truncated} of {len(run.train)} train" in capsys.readouterr().out
