@@ -16,7 +16,7 @@ import sys
 
 from keydistill.checkpoint import write_json
 from keydistill.data import get_task
-from keydistill.train import TrainConfig, build_parser, run_all, run_cli
+from keydistill.train import TrainConfig, build_parser, parse_config, run_all, run_cli
 
 VARIANTS = ("carry", "fresh", "none")
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog = "python -m keydistill.ablation"
     parser.set_defaults(output_dir="runs/ablation_{task}")
-    return run_cli(run_ablation, TrainConfig(**vars(parser.parse_args(argv))))
+    return run_cli(run_ablation, parse_config(argv, parser))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class GlueTask:
     hub_test_splits: tuple[str, ...] = ("validation",)
     # Column names for files with no header row (CoLA); None when the first row is the header.
     headerless_columns: tuple[str, ...] | None = None
+    # The keydistill.train settings this task runs with unless a flag says otherwise: (field, value) pairs,
+    # sized so that the six local GLUE tasks distil in an hour on a 2-core CPU (keydistill.glue).
+    recipe: tuple[tuple[str, object], ...] = ()
 
     @property
     def num_labels(self) -> int:
@@ -64,23 +67,30 @@ class GlueTask:
 _BINARY = ("0", "1")
 _ENTAIL2 = ("entailment", "not_entailment")
 
+# Sentence pairs need room; the small tasks train on all their rows for more epochs.
+_PAIRS = (("max_length", 128),)
+_SMALL = (("max_train_samples", None), ("teacher_epochs", 3), ("epochs", 3))
+
 TASKS: dict[str, GlueTask] = {t.name: t for t in [
     GlueTask("cola", "CoLA", ("sentence",), "label", ("sentence",), _BINARY, ("mcc", "accuracy"),
-             headerless_columns=("source", "label", "original_label", "sentence")),
+             headerless_columns=("source", "label", "original_label", "sentence"), recipe=_SMALL),
     GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), _BINARY, ("accuracy",)),
     GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"), _BINARY,
-             ("f1", "accuracy")),
+             ("f1", "accuracy"), recipe=_PAIRS + _SMALL),
     GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("question1", "question2"), _BINARY,
-             ("accuracy", "f1")),
+             ("accuracy", "f1"), recipe=_PAIRS),
     GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", ("sentence1", "sentence2"), (),
-             ("pearson", "spearman")),
+             ("pearson", "spearman"), recipe=_PAIRS + _SMALL),
     GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("premise", "hypothesis"),
              ("entailment", "neutral", "contradiction"), ("accuracy",),
              test_files=("dev_matched", "dev_mismatched"),
-             hub_test_splits=("validation_matched", "validation_mismatched")),
-    GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("question", "sentence"), _ENTAIL2, ("accuracy",)),
-    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _ENTAIL2, ("accuracy",)),
-    GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _BINARY, ("accuracy",)),
+             hub_test_splits=("validation_matched", "validation_mismatched"), recipe=_PAIRS),
+    GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("question", "sentence"), _ENTAIL2, ("accuracy",),
+             recipe=_PAIRS),
+    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _ENTAIL2, ("accuracy",),
+             recipe=_PAIRS + _SMALL),
+    GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _BINARY, ("accuracy",),
+             recipe=_PAIRS + _SMALL),
 ]}
 
 

@@ -13,10 +13,12 @@ def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:
     """Teacher and student on val and test, the student/teacher ratio, the codebook, the time taken."""
     columns = [f"{split} {name}" for split in ("val", "test") for name in metric_names]
     lines = [f"== keydistill {metrics['task']}: {metrics['seconds'] / 60:.1f} min ==",
-             f"{'model':<8} {'params':>8}  " + "  ".join(f"{c:>14}" for c in columns)]
+             f"{'model':<8} {'params':>8}  " + "  ".join(f"{c:>14}" for c in columns) + f"  {'inference ex/s':>14}"]
     for model in ("teacher", "student"):
         values = [metrics[model][split][name] for split in ("val", "test") for name in metric_names]
-        lines.append(f"{model:<8} {metrics[model + '_params'] / 1e6:>7.1f}M  " + "  ".join(f"{v:>14.4f}" for v in values))
+        speed = metrics.get("inference_examples_per_s", {}).get(model, float("nan"))
+        lines.append(f"{model:<8} {metrics[model + '_params'] / 1e6:>7.1f}M  " + "  ".join(f"{v:>14.4f}" for v in values)
+                     + f"  {speed:>14.0f}")
     primary = metric_names[0]
     teacher_test = metrics["teacher"]["test"][primary]
     if teacher_test:

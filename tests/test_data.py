@@ -108,12 +108,52 @@ def test_headerless_cola(tmp_path):
     assert loaded.test["test"] == [data.Example(("the cat sat 0",), 0), data.Example(("the cat sat 1",), 1)]
 
 
+# The official GLUE row counts and label balance of ../shared/data/glue (its README): per split, the count of
+# each class index (label_values order), or the row count of a regression task.
+OFFICIAL = {
+    "sst2": {"train": [29780, 37569], "test": [428, 444]},
+    "cola": {"train": [2528, 6023], "test": [322, 721]},
+    "mrpc": {"train": [1194, 2474], "test": [129, 279]},
+    "rte": {"train": [1249, 1241], "test": [146, 131]},  # entailment, not_entailment
+    "wnli": {"train": [323, 312], "test": [40, 31]},
+    "stsb": {"train": 5749, "test": 1500},
+}
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED_GLUE), reason="the shared GLUE folder is not next to this checkout")
-def test_shared_glue_files_load_with_their_official_counts():
-    sst2 = load_task("sst2", SHARED_GLUE, val_size=1000)
-    assert len(sst2.train) + len(sst2.val) == 67349 and len(sst2.test["test"]) == 872
-    stsb = load_task("stsb", SHARED_GLUE, val_size=500)
-    assert len(stsb.train) + len(stsb.val) == 5749 and len(stsb.test["test"]) == 1500
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_shared_glue_tasks_load_with_their_official_counts_and_balance(name):
+    task = TASKS[name]
+    train, test, skipped = data.load_local(task, SHARED_GLUE)
+    assert skipped == 0
+    for split, rows in (("train", train), ("test", test["test"])):
+        want = OFFICIAL[name][split]
+        if task.is_regression:
+            assert len(rows) == want and all(0.0 <= e.label <= 5.0 for e in rows)
+        else:
+            assert np.bincount([e.label for e in rows], minlength=task.num_labels).tolist() == want, split
+        assert all(len(e.texts) == len(task.text_columns) and all(e.texts) for e in rows)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_GLUE), reason="the shared GLUE folder is not next to this checkout")
+def test_shared_glue_quirks():
+    cola_dev = data.load_local(TASKS["cola"], SHARED_GLUE)[1]["test"]
+    assert cola_dev[-1].texts[0] and len(cola_dev) == 1043  # no final newline: the last row still counts
+    mrpc = load_task("mrpc", SHARED_GLUE)  # the header's byte-order mark is not part of 'Quality'
+    assert len(mrpc.val) == 367 and len(mrpc.train) == 3668 - 367
+    assert len(load_task("wnli", SHARED_GLUE).val) == 100  # the floor: 10% of 635 would be 64
+
+
+def test_default_val_size_scales_with_the_task():
+    assert [data.default_val_size(n) for n in (67349, 8551, 635, 150)] == [1000, 855, 100, 75]
+
+
+def test_byte_order_mark_in_a_header_is_dropped(tmp_path):
+    path = write_tsv(tmp_path, "MRPC", "train", ["Quality\t#ID\t#ID\t#1 String\t#2 String", "1\t1\t2\ta\tb"])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    write_tsv(tmp_path, "MRPC", "dev", ["Quality\t#ID\t#ID\t#1 String\t#2 String", "0\t1\t2\tc\td"])
+    train, test, _ = data.load_local(TASKS["mrpc"], str(tmp_path))
+    assert train == [data.Example(("a", "b"), 1)] and test["test"] == [data.Example(("c", "d"), 0)]
 
 
 # ---- bad data: each case names file, line (and column) ---------------------------------------------------
@@ -205,6 +245,8 @@ def test_dataset_tokenises_pairs_truncates_and_collate_pads(tokenizer):
                 data.Example(("a", "a"), 1)]
     ds = data.CustomDataset(examples, tokenizer, max_length=12)
     assert ds.lengths()[0] == 9 and ds.lengths()[1] == 12 and ds.lengths()[2] == 5
+    assert ds.truncated == 1  # the second pair lost tokens; none of the others did
+    assert data.CustomDataset(examples, tokenizer, max_length=9).truncated == 1  # 9 tokens exactly: not truncated
     assert ds[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1, 1]
     batch = data.Collator(tokenizer.pad_token_id)([ds[2], ds[0]])
     assert batch["input_ids"].shape == (2, 9)  # padded to the longest in the batch, not to max_length

@@ -3,6 +3,7 @@ line built from it, and the checks that reject impossible settings before any wo
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -152,7 +153,10 @@ def _optional(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m keydistill.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="Each task runs with its recipe (keydistill.data.TASKS) on top of these "
+                                            "defaults, e.g. --task rte: --max-length 128 --max-train-samples none "
+                                            "--teacher-epochs 3 --epochs 3; a flag overrides its recipe value.")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -166,8 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """Only the settings given on the command line (parsed again with every default suppressed)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(argv))
+
+
+def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> TrainConfig:
+    """The settings of a command line: the defaults, then the task's recipe (data.TASKS), then the flags."""
+    parser = parser or build_parser()
+    settings = vars(parser.parse_args(argv))
+    recipe = dict(TASKS[settings["task"]].recipe)
+    settings.update({k: v for k, v in recipe.items() if k not in explicit_flags(parser, argv)})
+    return TrainConfig(**settings)
 
 
 # ----------------------------------------------------------------------------------------------------------

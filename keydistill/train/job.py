@@ -18,19 +18,23 @@ from keydistill.train.teacher import teacher_stage
 STAGES = ("teacher_finetune", "teacher_bottleneck", "student_decoder", "student")
 
 
-def test_stage(run, teacher, student) -> tuple[dict, dict]:
-    """Metrics of both models on val and every test split, and the codebook report on the first test split."""
+def test_stage(run, teacher, student) -> tuple[dict, dict, dict]:
+    """Metrics of both models on val and every test split, the codebook report on the first test split, and
+    each model's inference speed there (examples/s at the evaluation batch size)."""
     collate = Collator(run.tokenizer.pad_token_id)
-    results, primary = {}, {}
+    results, primary, speed = {}, {}, {}
     for name, model in (("teacher", teacher), ("student", student)):
         results[name] = {"val": score(run.task, predict(run, model, run.val, collate).logits, run.val.labels)}
         for split, dataset in run.tests.items():
+            started = time.perf_counter()
             pred = predict(run, model, dataset, collate)
+            if name not in primary:
+                speed[name] = len(dataset) / (time.perf_counter() - started)
+                primary[name] = pred
             results[name][split] = score(run.task, pred.logits, dataset.labels)
-            primary.setdefault(name, pred)
         if "test" not in results[name]:  # mnli: the matched split is "test"
             results[name]["test"] = results[name][next(iter(run.tests))]
-    return results, codebook_report(teacher, student, primary["teacher"], primary["student"], run.cfg.keys)
+    return results, codebook_report(teacher, student, primary["teacher"], primary["student"], run.cfg.keys), speed
 
 
 def run_all(cfg: TrainConfig) -> dict:
@@ -40,7 +44,7 @@ def run_all(cfg: TrainConfig) -> dict:
     run = setup(cfg)
     teacher, teacher_train = teacher_stage(run)
     student, student_result = student_stage(run, teacher, teacher_train)
-    results, codebook = test_stage(run, teacher, student)
+    results, codebook, speed = test_stage(run, teacher, student)
     history = [entry for name in STAGES for entry in run.progress.get(name, {}).get("history", [])]
     metrics = {"task": run.task.name, "teacher": results["teacher"], "student": results["student"],
                "history": history, "codebook": codebook,
@@ -48,6 +52,7 @@ def run_all(cfg: TrainConfig) -> dict:
                "curves": {name: run.progress[name]["curve"] for name in STAGES if name in run.progress},
                "teacher_params": sum(p.numel() for p in teacher.parameters()),
                "student_params": sum(p.numel() for p in student.parameters()),
+               "inference_examples_per_s": speed,
                "rows": {"train": len(run.train), "val": len(run.val), **{k: len(v) for k, v in run.tests.items()}},
                "seconds": time.perf_counter() - started}
     write_json(cfg.out / "metrics.json", metrics)

@@ -1,0 +1,291 @@
+"""`python -m keydistill.glue`: distil and test every GLUE task found, and write the table DistilBERT shows.
+
+    python -m keydistill.glue --data-dir ../shared/data/glue                 # every task with a folder there
+    python -m keydistill.glue --data-dir ../shared/data/glue --tasks cola,rte
+    python -m keydistill.glue --data-dir ../shared/data/glue --resume        # continue an interrupted table
+
+Each task runs keydistill.train (teacher -> student -> test) with its recipe from the task table
+(keydistill.data.TASKS) in <output-dir>/<task>/, where its settings (config.json) sit beside its results
+(metrics.json). Any keydistill.train flag may follow and applies to every task. A finished task whose settings
+are unchanged is reused on a re-run; with --resume an interrupted one continues. A task whose data is missing
+or malformed is reported and skipped, the others still run, and the exit status is 1.
+
+Writes <output-dir>/glue.md, glue.json and glue.png: one row per model with each task's GLUE metric, the
+macro score, parameters and inference examples/s, and the student's share of the teacher per task.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from keydistill.checkpoint import write_json
+from keydistill.data import TASKS, DataError, compute_metrics, get_task, load_task
+from keydistill.ops import BackendUnavailable
+from keydistill.train import RunError, TrainConfig, build_parser, parse_config, run_all
+
+ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")  # DistilBERT's Table 1 columns
+LOCAL_TASKS = ("cola", "mrpc", "rte", "sst2", "stsb", "wnli")  # the six in ../shared/data/glue
+# Published dev-set scores of small BERTs of the teacher's class (DistilBERT paper, Table 1; MiniLM-L6-H384
+# reports), as (low, high) in points; the table reports the teacher's gap to them.
+PUBLISHED = {"sst2": (91.3, 91.5), "cola": (47.5, 51.3), "mrpc": (87.5, 87.5), "rte": (59.9, 59.9),
+             "stsb": (86.9, 86.9)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which tasks, with which settings
+# ----------------------------------------------------------------------------------------------------------
+
+def build_glue_parser() -> argparse.ArgumentParser:
+    """Every keydistill.train flag (applied to every task), --tasks, and runs/glue as the output folder."""
+    parser = train_parser()
+    parser.prog = "python -m keydistill.glue"
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated tasks (e.g. cola,mrpc); default: every task with a folder in --data-dir "
+                             "(all nine from the hub without --data-dir)")
+    return parser
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    parser.set_defaults(output_dir="runs/glue")
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--tasks, the keydistill.train flags)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never mistake --task for --tasks
+    parser.add_argument("--tasks", default=None)
+    known, rest = parser.parse_known_args(argv)
+    return known.tasks, rest
+
+
+def chosen_tasks(tasks: str | None, data_dir: str | None) -> tuple[list[str], dict[str, str]]:
+    """(tasks to run in table order, {task: why not run} for the rest that were looked for)."""
+    if tasks:
+        names = [t.strip().lower() for t in tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in TASKS]
+        if unknown:
+            raise DataError(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(ORDER)}")
+        return [t for t in ORDER if t in names], {}
+    if not data_dir:
+        return list(ORDER), {}
+    found = [t for t in ORDER if (Path(data_dir) / TASKS[t].folder).is_dir()]
+    missing = {t: f"no folder {Path(data_dir) / TASKS[t].folder}" for t in ORDER if t not in found}
+    return found, missing
+
+
+def task_config(train_argv: list[str], task: str) -> TrainConfig:
+    """The task's settings: defaults, its recipe, then the user's flags; in <output-dir>/<task>. --resume
+    continues an interrupted task and starts the others afresh."""
+    cfg = parse_config([*train_argv, "--task", task], parser=train_parser())
+    cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / task))
+    return dataclasses.replace(cfg, resume=cfg.resume and (cfg.out / "config.json").exists())
+
+
+def finished(cfg: TrainConfig) -> dict | None:
+    """The metrics of a finished run with exactly these settings, else None."""
+    config, metrics = cfg.out / "config.json", cfg.out / "metrics.json"
+    if not (config.exists() and metrics.exists()):
+        return None
+    saved = {k: v for k, v in json.loads(config.read_text()).items() if k != "resume"}
+    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
+    return json.loads(metrics.read_text()) if saved == wanted else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scores: GLUE's per-task score and macro average
+# ----------------------------------------------------------------------------------------------------------
+
+def task_score(results: dict) -> float:
+    """A task's GLUE score in points: the mean of its metrics (MRPC F1/accuracy, STS-B Pearson/Spearman;
+    MNLI matched/mismatched accuracy)."""
+    splits = [s for s in results if s.startswith("test_")] or ["test"]
+    values = [v for s in splits for v in results[s].values()]
+    return 100 * float(np.mean(values))
+
+
+def majority_baseline(cfg: TrainConfig) -> dict | None:
+    """The test metrics of always predicting the most frequent training label (None for regression)."""
+    task = get_task(cfg.task)
+    if task.is_regression:
+        return None
+    data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_eval_samples=cfg.max_eval_samples)
+    label = Counter(e.label for e in data.train).most_common(1)[0][0]
+    out = {}
+    for split, rows in data.test.items():
+        labels = np.array([e.label for e in rows])
+        out[split] = compute_metrics(task, np.full_like(labels, label), labels)
+    return out
+
+
+def task_row(name: str, cfg: TrainConfig, metrics: dict, seconds: float | None) -> dict:
+    teacher, student = task_score(metrics["teacher"]), task_score(metrics["student"])
+    baseline = majority_baseline(cfg)
+    return {"task": name, "teacher": metrics["teacher"], "student": metrics["student"],
+            "teacher_score": teacher, "student_score": student,
+            "student_share": student / teacher if teacher else None,
+            "majority": baseline, "majority_score": task_score(baseline) if baseline else None,
+            "teacher_params": metrics["teacher_params"], "student_params": metrics["student_params"],
+            "inference_examples_per_s": metrics.get("inference_examples_per_s", {}),
+            "rows": metrics.get("rows"), "seconds": seconds if seconds is not None else metrics["seconds"],
+            "settings": dataclasses.asdict(cfg), "published": PUBLISHED.get(name)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table: markdown, JSON, plot
+# ----------------------------------------------------------------------------------------------------------
+
+def cell(task: str, results: dict) -> str:
+    """One task's metrics as DistilBERT prints them: F1/acc for MRPC, Pearson/Spearman for STS-B, m/mm for MNLI."""
+    splits = [s for s in results if s.startswith("test_")] or ["test"]
+    return "/".join(f"{100 * v:.1f}" for s in splits for v in results[s].values())
+
+
+def markdown(rows: list[dict], summary: dict) -> str:
+    tasks = [r["task"] for r in rows]
+    names = [TASKS[t].folder + (" (" + "/".join(TASKS[t].metrics) + ")" if len(TASKS[t].metrics) > 1 else "")
+             for t in tasks]
+    header = "| model | score | " + " | ".join(names) + " | params | inference ex/s (mean) |"
+    lines = [header, "|" + "---|" * (len(tasks) + 4)]
+    for model in ("teacher", "student"):
+        speed = np.mean([r["inference_examples_per_s"].get(model, np.nan) for r in rows])
+        params = rows[0][f"{model}_params"] / 1e6
+        lines.append(f"| {model} | {summary[model]:.1f} | " + " | ".join(cell(r["task"], r[model]) for r in rows)
+                     + f" | {params:.1f}M | {speed:.0f} |")
+    lines.append(f"| student / teacher | {summary['share']:.1%} | "
+                 + " | ".join(f"{r['student_share']:.1%}" if r["student_share"] is not None else "n/a" for r in rows)
+                 + f" | {rows[0]['student_params'] / rows[0]['teacher_params']:.0%} | "
+                 f"{summary['speedup']:.2f}x |")
+    lines.append("| majority class | " + (f"{summary['majority']:.1f}" if summary["majority"] is not None else "n/a")
+                 + " | " + " | ".join(cell(r["task"], r["majority"]) if r["majority"] else "n/a" for r in rows)
+                 + " | | |")
+    lines += ["", "Score: the macro average of the task scores (each the mean of its metrics, in points). "
+              "Test is GLUE's labelled dev split; validation was held out of train.", "",
+              "| task | teacher | published (DistilBERT Table 1 / MiniLM-L6-H384) | gap | minutes |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        published = r["published"]
+        if published:
+            low, high = published
+            shown = f"{low:.1f}" if low == high else f"{low:.1f}-{high:.1f}"
+            gap = f"{r['teacher_score'] - high:+.1f}" + ("" if low == high else f" to {r['teacher_score'] - low:+.1f}")
+        else:
+            shown = gap = "n/a"
+        lines.append(f"| {r['task']} | {r['teacher_score']:.1f} | {shown} | {gap} | {r['seconds'] / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise(rows: list[dict]) -> dict:
+    teacher = float(np.mean([r["teacher_score"] for r in rows]))
+    student = float(np.mean([r["student_score"] for r in rows]))
+    majority = [r["majority_score"] for r in rows]
+    speeds = [r["inference_examples_per_s"] for r in rows if r["inference_examples_per_s"]]
+    speedup = float(np.mean([s["student"] / s["teacher"] for s in speeds])) if speeds else float("nan")
+    return {"teacher": teacher, "student": student, "share": student / teacher if teacher else float("nan"),
+            "majority": float(np.mean(majority)) if None not in majority else None, "speedup": speedup,
+            "minutes": sum(r["seconds"] for r in rows) / 60}
+
+
+def plot(rows: list[dict], summary: dict, path: Path) -> None:
+    from keydistill.report import plt
+    labels = [TASKS[r["task"]].folder for r in rows] + ["score"]
+    teacher = [r["teacher_score"] for r in rows] + [summary["teacher"]]
+    student = [r["student_score"] for r in rows] + [summary["student"]]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2, 4))
+    ax.bar(x - 0.2, teacher, 0.4, label="teacher")
+    ax.bar(x + 0.2, student, 0.4, label="student")
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        ax.annotate(f"{s / t:.0%}" if t else "n/a", (x[i] + 0.2, max(s, 0)), ha="center", va="bottom", fontsize=8)
+    majority = [r["majority_score"] for r in rows]
+    ax.scatter([x[i] for i, m in enumerate(majority) if m is not None], [m for m in majority if m is not None],
+               marker="_", s=400, color="black", label="majority class")
+    ax.set(xticks=x, xticklabels=labels, ylabel="GLUE score (points)",
+           title=f"keydistill on GLUE: the student keeps {summary['share']:.1%} of the teacher's score")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+def run_glue(argv: list[str]) -> int:
+    args = build_glue_parser().parse_args(argv)  # --help, and every flag checked once up front
+    root = Path(args.output_dir)
+    tasks, not_run = chosen_tasks(args.tasks, args.data_dir)
+    train_argv = split_argv(argv)[1]
+    failed: dict[str, str] = {}
+    rows = []
+    started = time.perf_counter()
+    for i, name in enumerate(tasks, start=1):
+        print(f"[{i}/{len(tasks)}] {name}: ", end="", flush=True)
+        try:
+            cfg = task_config(train_argv, name)
+            metrics, seconds = finished(cfg), None
+            if metrics is not None:
+                print(f"reusing the finished run in {cfg.out}")
+            else:
+                print(f"teacher -> student -> test in {cfg.out}" + (" (resumed)" if cfg.resume else ""), flush=True)
+                task_started = time.perf_counter()
+                metrics = run_all(cfg)
+                seconds = time.perf_counter() - task_started
+            row = task_row(name, cfg, metrics, seconds)
+        except (DataError, RunError, BackendUnavailable) as e:
+            failed[name] = str(e)
+            print(f"[{i}/{len(tasks)}] {name}: skipped: {e}", flush=True)
+            continue
+        except Exception as e:  # a bug: the other tasks still run, and the traceback says where
+            traceback.print_exc()
+            failed[name] = f"{type(e).__name__}: {e}"
+            continue
+        rows.append(row)
+        print(f"[{i}/{len(tasks)}] {name} done in {row['seconds'] / 60:.1f} min: teacher {row['teacher_score']:.1f}, "
+              f"student {row['student_score']:.1f} ({row['student_share']:.1%} of the teacher)", flush=True)
+    return write_table(root, rows, failed, not_run, time.perf_counter() - started)
+
+
+def write_table(root: Path, rows: list[dict], failed: dict, not_run: dict, seconds: float) -> int:
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"\n== keydistill GLUE: {len(rows)} task(s) in {seconds / 60:.1f} min ==")
+    if rows:
+        summary = summarise(rows)
+        table = markdown(rows, summary)
+        (root / "glue.md").write_text(table)
+        write_json(root / "glue.json", {"summary": summary, "tasks": rows, "failed": failed, "not_run": not_run,
+                                        "seconds": seconds})
+        plot(rows, summary, root / "glue.png")
+        print(table)
+        print(f"written: {root / 'glue.md'}, {root / 'glue.json'}, {root / 'glue.png'}")
+    for name, why in not_run.items():
+        print(f"not run: {name}: {why}")
+    for name, why in failed.items():
+        print(f"FAILED: {name}: {why}")
+    return 1 if failed or not rows else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run_glue(argv)
+    except (DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""python -m keydistill.glue on tiny data: every task found runs, a broken one is reported and skipped, the
+table is written in three forms, and a re-run reuses finished tasks."""
+import json
+
+import pytest
+
+from keydistill import glue
+from keydistill.data import TASKS
+from train_fixtures import tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+
+
+@pytest.fixture(scope="module")
+def table(tiny, tmp_path_factory):
+    """SST-2 and STS-B as in the fixture, and an RTE folder whose train file lacks a column."""
+    out = tmp_path_factory.mktemp("glue")
+    (tiny / "glue" / "RTE").mkdir(exist_ok=True)
+    (tiny / "glue" / "RTE" / "train.tsv").write_text("sentence1\tlabel\nhello\tentailment\n")
+    (tiny / "glue" / "RTE" / "dev.tsv").write_text("sentence1\tsentence2\tlabel\na\tb\tentailment\n")
+    argv = tiny_args(tiny, out, "--epochs", "1")
+    code = glue.main(argv)
+    return out, argv, code
+
+
+def test_every_found_task_runs_and_a_broken_one_is_skipped(table, capsys):
+    out, _, code = table
+    assert code == 1  # RTE failed
+    summary = json.loads((out / "glue.json").read_text())
+    assert [r["task"] for r in summary["tasks"]] == ["sst2", "stsb"]  # DistilBERT's column order
+    assert "RTE/train.tsv:1: missing column(s) ['sentence2']" in summary["failed"]["rte"]
+    assert set(summary["not_run"]) == {"cola", "mnli", "mrpc", "qnli", "qqp", "wnli"}
+    for row in summary["tasks"]:
+        assert (out / row["task"] / "metrics.json").exists() and (out / row["task"] / "config.json").exists()
+        assert row["settings"]["task"] == row["task"] and row["settings"]["epochs"] == 1  # the flag beat the recipe
+        assert row["inference_examples_per_s"]["student"] > 0
+    stsb = summary["tasks"][1]
+    assert stsb["settings"]["max_length"] == 128  # STS-B's recipe: pairs get room
+    metrics = json.loads((out / "stsb" / "metrics.json").read_text())
+    assert stsb["teacher_score"] == pytest.approx(50 * (metrics["teacher"]["test"]["pearson"]
+                                                        + metrics["teacher"]["test"]["spearman"]))
+    assert stsb["majority"] is None and summary["tasks"][0]["majority"]["test"]["accuracy"] > 0
+
+
+def test_the_table_has_teacher_student_and_share_rows(table):
+    out = table[0]
+    text = (out / "glue.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"teacher", "student", "student / teacher", "majority class"} <= set(rows)
+    assert "SST-2" in text and "STS-B (pearson/spearman)" in text and "published" in text
+    summary = json.loads((out / "glue.json").read_text())["summary"]
+    assert summary["share"] == pytest.approx(summary["student"] / summary["teacher"])
+    assert f"{summary['share']:.1%}" in rows["student / teacher"]
+    assert (out / "glue.png").stat().st_size > 10_000
+
+
+def test_a_rerun_reuses_finished_tasks(table, capsys):
+    out, argv, _ = table
+    before = json.loads((out / "glue.json").read_text())["tasks"]
+    assert glue.main([*argv, "--tasks", "sst2,stsb"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reusing the finished run") == 2
+    after = json.loads((out / "glue.json").read_text())["tasks"]
+    assert [(r["teacher"], r["student"]) for r in after] == [(r["teacher"], r["student"]) for r in before]
+
+
+def test_unknown_task_is_one_line(capsys, tmp_path):
+    assert glue.main(["--tasks", "cola,sst3", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown task(s) ['sst3']" in capsys.readouterr().err
+
+
+def test_recipes_name_only_train_settings():
+    from keydistill.train import TrainConfig
+    fields = set(TrainConfig.__dataclass_fields__)
+    for task in TASKS.values():
+        assert {k for k, _ in task.recipe} <= fields, task.name
