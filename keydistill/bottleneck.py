@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from keydistill import ops
-from keydistill.ops.reference import cluster_stats, smoothed_cluster_size
+from keydistill.ops.reference import cluster_stats, ema_apply_, smoothed_cluster_size
 
 PROJECTIONS = ("split", "random", "learned")
 POOLINGS = ("cls", "mean")
@@ -163,6 +163,12 @@ class DiscreteKeyBottleneck(nn.Module):
         self.register_buffer("embed_sum", keys.clone())
         self.values = nn.Parameter(torch.randn(h, k, self.value_dim) * 0.02)
         self.update_keys = True
+        # Data parallelism: a hook that sums the codebook statistics across ranks before each EMA step
+        # (keydistill.train.distributed.CodebookSync); None in a single process.
+        self.sync = None
+        # True while a batch must not count in the codebook statistics (a data-parallel rank's padding
+        # example); with a sync hook the rank still takes part in the collectives, with zero statistics.
+        self.ema_paused = False
 
     # ---- key management -------------------------------------------------------------------------------
     def freeze_keys(self) -> None:
@@ -203,6 +209,26 @@ class DiscreteKeyBottleneck(nn.Module):
         return self.cluster_size < self.config.dead_key_threshold * self.cluster_size.mean(-1, keepdim=True)
 
     @torch.no_grad()
+    def _ema_step(self, queries: torch.Tensor, index: torch.Tensor) -> None:
+        """One EMA step from this batch's queries [N, H, d] and their keys (summed across ranks with a sync
+        hook), then dead-key restarts."""
+        if self.ema_paused:
+            queries, index = queries[:0], index[:0]
+        if self.sync is None:
+            ops.ema_update_(self.keys, self.cluster_size, self.embed_sum, queries, index,
+                            decay=self.config.decay, eps=self.config.eps)
+            self._restart_dead_keys(queries)
+            return
+        counts, sums = cluster_stats(queries.float(), index, self.config.num_keys)
+        counts, sums, rows_per_rank = self.sync.reduce(counts, sums, queries.shape[0])
+        ema_apply_(self.keys, self.cluster_size, self.embed_sum, counts, sums, decay=self.config.decay, eps=self.config.eps)
+        dead = self.dead_keys()
+        if bool(dead.any()):  # the same on every rank: the statistics are
+            samples = self.sync.restart_samples(queries, rows_per_rank, tuple(dead.shape))
+            if samples is not None:
+                self._restart_from(samples, dead)
+
+    @torch.no_grad()
     def _restart_dead_keys(self, recent: torch.Tensor) -> None:
         """Move dead keys onto random vectors of `recent` [N, H, d] and give them their head's mean count."""
         dead = self.dead_keys()
@@ -210,7 +236,11 @@ class DiscreteKeyBottleneck(nn.Module):
             return
         h, k, _ = self.keys.shape
         rows = torch.randint(recent.shape[0], (h, k), device=recent.device)
-        samples = recent[rows, torch.arange(h, device=recent.device).unsqueeze(1)].float()  # [H, K, d]
+        self._restart_from(recent[rows, torch.arange(h, device=recent.device).unsqueeze(1)].float(), dead)
+
+    def _restart_from(self, samples: torch.Tensor, dead: torch.Tensor) -> None:
+        """Dead keys [H, K] take the vectors samples [H, K, d] and their head's mean count."""
+        h, k = dead.shape
         keys = torch.where(dead.unsqueeze(-1), samples, self.keys)
         counts = torch.where(dead, self.cluster_size.mean(-1, keepdim=True).expand(h, k), self.cluster_size)
         self._set_codebook(keys, counts)
@@ -246,9 +276,7 @@ class DiscreteKeyBottleneck(nn.Module):
                 head_values = self._soft_values(queries, self.values)
         pooled = _mean_per_row(head_values.mean(1), positions)
         if self.training and self.update_keys:
-            ops.ema_update_(self.keys, self.cluster_size, self.embed_sum, queries.detach(), index,
-                            decay=self.config.decay, eps=self.config.eps)
-            self._restart_dead_keys(queries.detach())
+            self._ema_step(queries.detach(), index)
         return BottleneckOutput(pooled=pooled, queries=queries, key_indices=index, positions=positions,
                                 commitment_loss=commitment, aux_loss=self.config.commitment_weight * commitment)
 

@@ -77,8 +77,13 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, *, decay: float, eps: f
     keys <- embed_sum / ((cluster_size + eps) / (n_h + K*eps) * n_h), with n_h = sum_k cluster_size[h, k].
     Means, not sums: a key is the smoothed average of the vectors assigned to it.
     """
-    num_keys = keys.shape[1]
-    counts, sums = cluster_stats(x, index, num_keys)
+    counts, sums = cluster_stats(x, index, keys.shape[1])
+    ema_apply_(keys, cluster_size, embed_sum, counts, sums, decay=decay, eps=eps)
+
+
+def ema_apply_(keys, cluster_size, embed_sum, counts, sums, *, decay: float, eps: float = 1e-5) -> None:
+    """The EMA step of ema_update_ from given per-key counts [H, K] and sums [H, K, d] (e.g. summed across
+    data-parallel ranks), in place."""
     cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
     embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1 - decay)
     keys.copy_(embed_sum / smoothed_cluster_size(cluster_size, eps).unsqueeze(-1))

@@ -110,7 +110,9 @@ class TrainConfig:
     resume: bool = option(False, "continue an interrupted run in --output-dir from its latest checkpoint")
     checkpoint_every: int = option(50, "optimizer steps between resumable checkpoints inside an epoch; 0: epoch ends only")
     eval_every: int = option(0, "extra validation every N optimizer steps (0: once per epoch)")
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (under torchrun: each rank its local GPU, or the CPU)")
+    dist_timeout: float = option(600.0, "under torchrun: seconds a collective waits for the other ranks before the "
+                                        "run fails with an error naming it")
 
     @property
     def out(self) -> Path:
@@ -221,7 +223,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
                           allow_none=True)
     problems += _at_least(cfg, 1, "kmeans_samples")
     problems += _at_least(cfg, 2, "max_length")  # room for [CLS] and [SEP]
-    problems += _positive_finite(cfg, "lr", "teacher_lr", "bottleneck_lr", "temperature")
+    problems += _positive_finite(cfg, "lr", "teacher_lr", "bottleneck_lr", "temperature", "dist_timeout")
     problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "commitment_weight")
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must lie in [0, 1], got {cfg.alpha}")

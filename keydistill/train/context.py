@@ -20,7 +20,9 @@ from keydistill.bottleneck import BottleneckConfig
 from keydistill.checkpoint import write_json
 from keydistill.data import CustomDataset, GlueTask, get_task, load_task
 from keydistill.models.classifiers import is_checkpoint, read_checkpoint_config
+from keydistill.train import distributed
 from keydistill.train.config import BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig, validate
+from keydistill.train.distributed import Dist
 
 # What a finished or interrupted run leaves in its output folder; a new run (without --resume) replaces it.
 RUN_OUTPUTS = ("checkpoints", "teacher", "student", "progress.json", "metrics.json", "training_curves.png")
@@ -37,6 +39,7 @@ class Run:
     val: CustomDataset
     tests: dict[str, CustomDataset]
     progress: dict  # stage name -> result, for finished stages (progress.json)
+    ranks: Dist = distributed.SINGLE  # this process's place among the data-parallel ranks
 
     @property
     def ckpt_dir(self) -> Path:
@@ -48,7 +51,8 @@ class Run:
 
     def finish_stage(self, name: str, result: dict) -> None:
         self.progress[name] = result
-        write_json(self.cfg.out / "progress.json", self.progress)
+        if self.ranks.main:
+            write_json(self.cfg.out / "progress.json", self.progress)
 
     def autocast(self):
         if not self.cfg.bf16:
@@ -60,7 +64,11 @@ def setup(cfg: TrainConfig) -> Run:
     """Check the settings, load and tokenise the data, check what depends on both, then prepare the folder."""
     validate(cfg)
     bottleneck, tokenizer_source = resolve_teacher(cfg)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    ranks, device = distributed.init(cfg.device, cfg.dist_timeout)
+    if ranks.active:
+        distributed.quiet_unless_main(ranks)
+        print(f"data parallel on {ranks.world} ranks: global batch = {cfg.batch_size} per rank x {ranks.world} ranks "
+              f"x {cfg.grad_accum} accumulation = {cfg.batch_size * ranks.world * cfg.grad_accum} examples per step")
     task = get_task(cfg.task)
     data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                      max_eval_samples=cfg.max_eval_samples, skip_bad_rows=cfg.skip_bad_rows)
@@ -75,8 +83,11 @@ def setup(cfg: TrainConfig) -> Run:
     train, val, tests = dataset(data.train), dataset(data.val), {k: dataset(v) for k, v in data.test.items()}
     report_rows(cfg, task, data, train, val, tests)
     check_kmeans_has_enough_vectors(cfg, bottleneck, train)
-    progress = prepare_output_dir(cfg)
-    return Run(cfg, task, device, tokenizer, bottleneck, train, val, tests, progress)
+    progress = prepare_output_dir(cfg) if ranks.main else None
+    distributed.barrier("output folder ready")  # the other ranks read what rank 0 prepared
+    if progress is None:
+        progress = read_progress(cfg)
+    return Run(cfg, task, device, tokenizer, bottleneck, train, val, tests, progress, ranks)
 
 
 def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> None:
@@ -155,6 +166,12 @@ def check_kmeans_has_enough_vectors(cfg: TrainConfig, bottleneck: BottleneckConf
 # The output folder
 # ----------------------------------------------------------------------------------------------------------
 
+def read_progress(cfg: TrainConfig) -> dict:
+    """The finished stages of a resumed run (empty for a new one)."""
+    progress = cfg.out / "progress.json"
+    return json.loads(progress.read_text()) if cfg.resume and progress.exists() else {}
+
+
 def prepare_output_dir(cfg: TrainConfig) -> dict:
     """Create the output folder; return the progress of a resumed run, or clear (and name) an old run's state."""
     out = cfg.out
@@ -167,8 +184,7 @@ def prepare_output_dir(cfg: TrainConfig) -> dict:
         if changed:
             raise RunError(f"--resume with settings that differ from {saved}: "
                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        progress = out / "progress.json"
-        return json.loads(progress.read_text()) if progress.exists() else {}
+        return read_progress(cfg)
     keep = Path(cfg.teacher_checkpoint).resolve() if cfg.teacher_checkpoint else None
     stale = [name for name in RUN_OUTPUTS if (out / name).exists() and (out / name).resolve() != keep]
     if stale:

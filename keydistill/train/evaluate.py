@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from keydistill.bottleneck import assignment_counts, codebook_usage
-from keydistill.data import GlueTask, compute_metrics, eval_batches
-from keydistill.train.features import batches_on, forward
+from keydistill.data import GlueTask, compute_metrics
+from keydistill.train.features import forward, gathered, sharded
 
 
 @dataclass
@@ -20,20 +20,28 @@ class Predictions:
 
 @torch.no_grad()
 def predict(run, model, dataset, collate) -> Predictions:
-    """Logits (and key indices) for every example of dataset, in eval mode, restoring the mode after."""
+    """Logits (and key indices) for every example of dataset, in eval mode, restoring the mode after.
+    Data-parallel ranks each predict a share and gather the rest, so every rank holds all predictions."""
     was_training = model.training
     model.eval()
-    logits: list = [None] * len(dataset)
-    keys: list = [None] * len(dataset)
-    for indices, batch in batches_on(run.device, dataset, collate, eval_batches(dataset.lengths(), run.cfg.eval_batch_size)):
+    logits, keys = {}, {}
+    for indices, batch in sharded(run, dataset, collate, run.cfg.eval_batch_size):
         with run.autocast():
             out = forward(model, batch, with_labels=False)
         rows = out.positions.sum(1).tolist() if out.key_indices is not None else None
-        per_row = out.key_indices.split(rows) if rows is not None else [None] * len(indices)
+        per_row = out.key_indices.split(rows) if rows is not None else None
         for j, i in enumerate(indices):
-            logits[i], keys[i] = out.logits[j].float(), per_row[j]
+            logits[i] = out.logits[j].float()
+            if per_row is not None:
+                keys[i] = per_row[j]
     model.train(was_training)
-    return Predictions(torch.stack(logits), keys if keys[0] is not None else None)
+    all_logits = gathered(run, logits, len(dataset), "gather predictions")
+    all_keys = gathered(run, keys, len(dataset), "gather key indices") if model_has_keys(model) else None
+    return Predictions(torch.stack(all_logits), all_keys)
+
+
+def model_has_keys(model) -> bool:
+    return getattr(model, "bottleneck", None) is not None
 
 
 def score(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from keydistill.data import Collator, CustomDataset, eval_batches
+from keydistill.train import distributed
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -58,19 +59,40 @@ def pooling_of(model) -> str:
     return model.bottleneck.config.pooling if model.bottleneck is not None else "cls"
 
 
+def progress_bar(iterable=None, **kwargs):
+    """tqdm on rank 0 only (data-parallel ranks would print the same bar N times)."""
+    return tqdm(iterable, mininterval=2, disable=not distributed.is_main(), **kwargs)
+
+
+def sharded(run, dataset, collate, batch_size: int, desc: str | None = None):
+    """(indices, batch on the device) for this rank's share of evaluation batches of dataset."""
+    batches = distributed.round_robin(eval_batches(dataset.lengths(), batch_size), run.ranks)
+    items = batches_on(run.device, dataset, collate, batches)
+    return progress_bar(items, total=len(batches), desc=desc, unit="batch") if desc else items
+
+
+def gathered(run, per_example: dict, size: int, name: str) -> list:
+    """{example index: value} from this rank -> [value per example] from every rank, in dataset order."""
+    if run.ranks.active:
+        merged = {}
+        for part in distributed.all_gather_objects({i: v.cpu() for i, v in per_example.items()}, name):
+            merged.update(part)
+        per_example = {i: v.to(run.device) for i, v in merged.items()}
+    return [per_example[i] for i in range(size)]
+
+
 @torch.no_grad()
 def encode(run, model, dataset: CustomDataset, desc: str) -> FeatureDataset:
-    """The model's encoder outputs at its bottleneck's kept positions, per example, in dataset order."""
+    """The model's encoder outputs at its bottleneck's kept positions, per example, in dataset order
+    (computed in shares by the data-parallel ranks, then gathered on each)."""
     model.eval()
-    features: list[torch.Tensor | None] = [None] * len(dataset)
+    features = {}
     collate = Collator(run.tokenizer.pad_token_id)
     cls_only = pooling_of(model) == "cls"
-    batches = eval_batches(dataset.lengths(), run.cfg.eval_batch_size)
-    for indices, batch in tqdm(batches_on(run.device, dataset, collate, batches), total=len(batches), desc=desc,
-                               unit="batch", mininterval=2):
+    for indices, batch in sharded(run, dataset, collate, run.cfg.eval_batch_size, desc):
         with run.autocast():
             hidden = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).hidden_states
         for row, i in enumerate(indices):
             kept = hidden[row, :1] if cls_only else hidden[row][batch["attention_mask"][row].bool()]
             features[i] = kept.float().clone()
-    return FeatureDataset(features, dataset.labels.to(run.device))
+    return FeatureDataset(gathered(run, features, len(dataset), f"gather {desc}"), dataset.labels.to(run.device))

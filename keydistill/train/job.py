@@ -9,6 +9,7 @@ from typing import Callable
 from keydistill.checkpoint import write_json
 from keydistill.data import Collator, DataError
 from keydistill.ops import BackendUnavailable
+from keydistill.train import distributed
 from keydistill.train.config import RunError, TrainConfig, parse_config
 from keydistill.train.context import setup
 from keydistill.train.evaluate import codebook_report, predict, score
@@ -55,9 +56,10 @@ def run_all(cfg: TrainConfig) -> dict:
                "inference_examples_per_s": speed,
                "rows": {"train": len(run.train), "val": len(run.val), **{k: len(v) for k, v in run.tests.items()}},
                "seconds": time.perf_counter() - started}
-    write_json(cfg.out / "metrics.json", metrics)
-    plot_run(metrics, cfg.out / "training_curves.png")
-    print(summary_table(metrics, run.task.metrics))
+    if run.ranks.main:
+        write_json(cfg.out / "metrics.json", metrics)
+        plot_run(metrics, cfg.out / "training_curves.png")
+        print(summary_table(metrics, run.task.metrics))
     return metrics
 
 
@@ -76,4 +78,7 @@ def run_cli(run: Callable[[TrainConfig], object], cfg: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(run_all, parse_config(argv))
+    try:
+        return run_cli(run_all, parse_config(argv))
+    finally:
+        distributed.shutdown()

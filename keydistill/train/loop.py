@@ -11,18 +11,20 @@ checkpoint exists.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
+import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
-
 from keydistill.checkpoint import load_checkpoint, read_record, save_checkpoint
 from keydistill.data import length_bucketed_batches
-from keydistill.train.features import batches_on, forward
+from keydistill.train import distributed
+from keydistill.train.features import batches_on, forward, progress_bar
 
 
 @dataclass
@@ -34,7 +36,8 @@ class Stage:
     lr: float
     dataset: torch.utils.data.Dataset
     collate: Callable
-    loss: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]  # batch -> {"total": ..., other terms}
+    # (trainer, batch) -> {"total": ..., other terms}; trainer(batch, ...) is BatchForward's forward
+    loss: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
     validate: Callable[[], dict[str, float]]
 
 
@@ -70,13 +73,68 @@ def accumulation_weights(batches: list[list[int]], grad_accum: int) -> list[floa
     return weights
 
 
+class BatchForward(nn.Module):
+    """model on a batch dict (token or cached-feature batch), as one module: what DDP wraps, so that every
+    stage's forward goes through DistributedDataParallel's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, with_labels: bool = True, detach_head: bool = False):
+        if not detach_head:
+            return forward(self.model, batch, with_labels)
+        # The head reads a detached encoder output (the key-less student under the hard lookup); the encoder
+        # output itself, with its gradient, stays in hidden_states for the feature loss.
+        hidden = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).hidden_states
+        out = self.model.forward_hidden(hidden.detach(), batch["attention_mask"], batch["labels"] if with_labels else None)
+        out.hidden_states = hidden
+        return out
+
+
+def trainer_for(run, model: nn.Module) -> nn.Module:
+    """The module a stage trains through: DDP around BatchForward on data-parallel ranks (EMA buffers are
+    synchronised by the bottleneck itself, so DDP must not broadcast rank 0's), else BatchForward."""
+    wrapped = BatchForward(model)
+    if not run.ranks.active:
+        return wrapped
+    device_ids = [run.device] if run.device.type == "cuda" else None
+    # Newer torch names the switch forward_sync_buffers (it still syncs once at init, which is right here:
+    # every rank's codebook is identical when a stage starts); older torch knows only broadcast_buffers.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    return nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids, **no_buffer_sync)
+
+
+def step_seed(seed: int, stage: str, epoch: int, batch: int, rank: int) -> int:
+    """The RNG seed of one micro-batch: a function of where it is, so a resumed run draws (dropout) what an
+    uninterrupted one would, on every rank, without saving generator states."""
+    return zlib.crc32(f"{seed}/{stage}/{epoch}/{batch}/{rank}".encode())
+
+
+@contextmanager
+def codebook_paused(model: nn.Module, paused: bool):
+    """Keep a padding example out of the codebook statistics (its rank still joins their all-reduce)."""
+    bottlenecks = [m for m in model.modules() if hasattr(m, "ema_paused")] if paused else []
+    for m in bottlenecks:
+        m.ema_paused = True
+    try:
+        yield
+    finally:
+        for m in bottlenecks:
+            m.ema_paused = False
+
+
 def fit(run, stage: Stage) -> dict:
     """Train one stage: validate every epoch, keep the best weights, checkpoint for --resume.
 
     Returns {"history": one entry per epoch, "curve": [[step, loss], ...], "best_val": ..., "best_step": ...}
-    and leaves the best weights in stage.model.
+    and leaves the best weights in stage.model. On data-parallel ranks each global batch (batch_size x
+    ranks) is split into one chunk per rank; losses and counts are summed across ranks, so the history and
+    the curve are those of the global batches, the same on every rank.
     """
-    cfg, metric = run.cfg, run.task.metrics[0]
+    cfg, metric, ranks = run.cfg, run.task.metrics[0], run.ranks
     run.ckpt_dir.mkdir(parents=True, exist_ok=True)
     latest, best = run.ckpt_dir / f"{stage.name}.latest.safetensors", run.ckpt_dir / f"{stage.name}.best.safetensors"
     if stage.name in run.progress:  # finished before an interruption
@@ -84,8 +142,8 @@ def fit(run, stage: Stage) -> dict:
         return run.progress[stage.name]
     optimizer = torch.optim.AdamW(param_groups(stage.model, stage.params, cfg.weight_decay), lr=stage.lr)
     lengths = stage.dataset.lengths()
-    micro_batches = math.ceil(len(lengths) / cfg.batch_size)
-    total_steps = stage.epochs * math.ceil(micro_batches / cfg.grad_accum)
+    global_batch = cfg.batch_size * ranks.world
+    total_steps = stage.epochs * math.ceil(math.ceil(len(lengths) / global_batch) / cfg.grad_accum)
     state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "curve": [], "best_val": None, "best_step": None,
              "sums": {}, "count": 0, "seconds": 0.0}
     if cfg.resume and latest.exists():
@@ -93,47 +151,65 @@ def fit(run, stage: Stage) -> dict:
         if best.exists():  # the best checkpoint may be newer than the latest one's record of it
             record = read_record(best)
             state["best_val"], state["best_step"] = record["val"], record["step"]
+    trainer = trainer_for(run, stage.model)
 
     def consider(val: dict) -> None:
         """Keep the weights when validation improves (ties keep the earlier, cheaper ones)."""
         if state["best_val"] is None or val[metric] > state["best_val"][metric]:
             state["best_val"], state["best_step"] = val, state["step"]
-            save_checkpoint(best, stage.model, {"step": state["step"], "val": val})
+            if ranks.main:
+                save_checkpoint(best, stage.model, {"step": state["step"], "val": val})
 
     for epoch in range(state["epoch"], stage.epochs):
-        batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        batches = length_bucketed_batches(lengths, global_batch, cfg.seed, epoch)
         weights = accumulation_weights(batches, cfg.grad_accum)
         stage.model.train()
-        bar = tqdm(total=len(lengths), initial=sum(map(len, batches[:state["batch"]])), unit="ex", mininterval=2,
-                   desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}")
+        bar = progress_bar(total=len(lengths), initial=sum(map(len, batches[:state["batch"]])), unit="ex",
+                           desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}")
         started = time.perf_counter()
-        todo = batches_on(run.device, stage.dataset, stage.collate, batches[state["batch"]:])
-        for i, (indices, batch) in enumerate(todo, start=state["batch"]):
-            with run.autocast():
-                terms = stage.loss(stage.model, batch)
-            (terms["total"] * weights[i]).backward()
+        step_sums: dict[str, float] = {}
+        for i in range(state["batch"], len(batches)):
+            mine = distributed.chunk(batches[i], ranks)
+            padding = not mine  # fewer examples than ranks: run one with weight 0 to join the collectives
+            indices = mine or batches[i][:1]
+            _, batch = next(batches_on(run.device, stage.dataset, stage.collate, [indices]))
+            torch.manual_seed(step_seed(cfg.seed, stage.name, epoch, i, ranks.rank))
+            last_of_step = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
+            with nullcontext() if last_of_step or not ranks.active else trainer.no_sync():  # sync on the last
+                with codebook_paused(stage.model, padding), run.autocast():
+                    terms = stage.loss(trainer, batch)
+                # DDP averages over ranks; these weights make the step's loss the mean over its examples
+                (terms["total"] * (0.0 if padding else weights[i] * len(mine) / len(batches[i]) * ranks.world)).backward()
+            n = 0 if padding else len(mine)
             for k, v in terms.items():
-                state["sums"][k] = state["sums"].get(k, 0.0) + float(v.detach()) * len(indices)
-            state["count"] += len(indices)
-            bar.update(len(indices))
-            if (i + 1) % cfg.grad_accum and i + 1 < len(batches):
+                step_sums[k] = step_sums.get(k, 0.0) + float(v.detach()) * n
+            step_sums["examples"] = step_sums.get("examples", 0.0) + n
+            bar.update(len(batches[i]))
+            if not last_of_step:
                 continue  # accumulate more micro-batches before stepping
-            # ---- optimizer step: lr schedule, clip, step, zero ----
+            # ---- optimizer step: lr schedule, clip, step, zero, the step's loss over all ranks ----
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, stage.lr, state["step"], total_steps)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(stage.params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step_sums = summed_across_ranks(step_sums, ranks, run.device)
+            examples = step_sums.pop("examples")
+            for k, v in step_sums.items():
+                state["sums"][k] = state["sums"].get(k, 0.0) + v
+            state["count"] += int(examples)
             state["step"] += 1
-            state["curve"].append([state["step"], float(terms["total"].detach())])
+            state["curve"].append([state["step"], step_sums["total"] / max(examples, 1)])
             state["batch"] = i + 1
+            step_sums = {}
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 consider(stage.validate())
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and i + 1 < len(batches):
                 state["seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
-                save_checkpoint(latest, stage.model, {"state": state}, optimizer)
+                if ranks.main:
+                    save_checkpoint(latest, stage.model, {"state": state}, optimizer)
         bar.close()
         # ---- end of epoch: validate, keep the best, record, checkpoint ----
         state["seconds"] += time.perf_counter() - started
@@ -146,11 +222,22 @@ def fit(run, stage: Stage) -> dict:
         print(f"{stage.name} epoch {epoch + 1}: loss {state['history'][-1]['loss']['total']:.4f}, "
               f"val {metric} {val[metric]:.4f}, {state['history'][-1]['examples_per_s']:.1f} ex/s")
         state.update(epoch=epoch + 1, batch=0, sums={}, count=0, seconds=0.0)
-        save_checkpoint(latest, stage.model, {"state": state}, optimizer)
+        if ranks.main:
+            save_checkpoint(latest, stage.model, {"state": state}, optimizer)
+    distributed.barrier(f"{stage.name}: best checkpoint written")
     load_checkpoint(best, stage.model)
     result = {k: state[k] for k in ("history", "curve", "best_val", "best_step")}
     run.finish_stage(stage.name, result)
     return result
+
+
+def summed_across_ranks(sums: dict[str, float], ranks, device: torch.device) -> dict[str, float]:
+    """The same keys, each summed over the data-parallel ranks (one all-reduce)."""
+    if not ranks.active:
+        return sums
+    names = sorted(sums)
+    total = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=device)
+    return dict(zip(names, distributed.all_reduce_sum_(total, "step loss").tolist()))
 
 
 def trainable(model, cfg) -> list[torch.nn.Parameter]:
@@ -159,7 +246,7 @@ def trainable(model, cfg) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def token_loss(model, batch) -> dict[str, torch.Tensor]:
+def token_loss(trainer, batch) -> dict[str, torch.Tensor]:
     """The model's own loss: task loss plus, with a bottleneck, its weighted commitment loss."""
-    out = forward(model, batch)
+    out = trainer(batch)
     return {"total": out.loss, "task": out.task_loss}

@@ -18,8 +18,9 @@ import torch
 from keydistill.data import Collator
 from keydistill.losses import DistillationWeights, distillation_loss, sentence_features
 from keydistill.models import student_from_teacher
+from keydistill.train import distributed
 from keydistill.train.evaluate import evaluator, predict
-from keydistill.train.features import FeatureDataset, collate_features, encode, forward
+from keydistill.train.features import FeatureDataset, collate_features, encode
 from keydistill.train.loop import Stage, fit, trainable
 from keydistill.train.teacher import fit_decoder, save_model
 
@@ -29,6 +30,7 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
     torch.manual_seed(cfg.seed + 1)
     student = student_from_teacher(teacher, cfg.layers(teacher.config.num_hidden_layers), carry=cfg.keys == "carry",
                                    with_bottleneck=cfg.keys != "none", bottleneck_overrides=cfg.student_training())
+    distributed.attach_codebook_sync(student, run.ranks)
     if cfg.keys != "carry":
         fit_own_decoder(run, student)
     if student.bottleneck is not None and not cfg.student_ema:
@@ -41,11 +43,9 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
     # Under the hard lookup the soft and task losses stop at the values; a head without keys must stop there too.
     detach_head = student.bottleneck is None and cfg.soft_temperature is None
 
-    def loss(model, batch):
-        out = forward(model, batch)
+    def loss(trainer, batch):
+        out = trainer(batch, detach_head=detach_head)
         features = sentence_features(out.hidden_states, batch["attention_mask"], run.pooling)
-        if detach_head:
-            out = model.forward_hidden(out.hidden_states.detach(), batch["attention_mask"], labels=batch["labels"])
         index = batch["index"]
         return distillation_loss(out, teacher_logits[index], teacher_features[index], features, weights)
 

@@ -10,6 +10,7 @@ import torch
 
 from keydistill.data import Collator, eval_batches
 from keydistill.models import BertWithKeyBottleneck, load_model
+from keydistill.train import distributed
 from keydistill.train.config import RunError
 from keydistill.train.evaluate import evaluator
 from keydistill.train.features import FeatureDataset, batches_on, collate_features, encode
@@ -22,6 +23,7 @@ def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
     folder = cfg.out / "teacher"
     if cfg.teacher_checkpoint or "teacher" in run.progress:
         teacher = load_model(cfg.teacher_checkpoint or folder).to(run.device)
+        distributed.attach_codebook_sync(teacher, run.ranks)
         if teacher.num_labels != run.task.num_labels:
             raise RunError(f"{cfg.teacher_checkpoint or folder}: a teacher with {teacher.num_labels} label(s) cannot "
                            f"teach {run.task.name}, which has {run.task.num_labels}")
@@ -33,6 +35,7 @@ def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
     except OSError as e:
         raise RunError(f"cannot load the teacher encoder {cfg.teacher!r}: {e}") from None
     teacher.to(run.device)
+    distributed.attach_codebook_sync(teacher, run.ranks)
     collate = Collator(run.tokenizer.pad_token_id)
     if cfg.teacher_encoder == "finetune":
         plain = BertWithKeyBottleneck(teacher.config, None, run.task.num_labels, encoder=teacher.encoder).to(run.device)
@@ -47,9 +50,10 @@ def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
 
 
 def save_model(run, model, folder) -> None:
-    """A loadable model folder: weights, config with the task's label names, tokenizer."""
-    model.save_pretrained(folder)
-    run.tokenizer.save_pretrained(folder)
+    """A loadable model folder: weights, config with the task's label names, tokenizer (written by rank 0)."""
+    if run.ranks.main:
+        model.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
 
 
 def fit_decoder(run, model, name: str, train: FeatureDataset, val: FeatureDataset) -> None:
@@ -59,17 +63,28 @@ def fit_decoder(run, model, name: str, train: FeatureDataset, val: FeatureDatase
     torch.manual_seed(cfg.seed + 2)  # dead-key restarts draw from it: same draws whether resumed or not
     if bottleneck is not None and name not in run.progress:
         init_keys(run, model, train)
-        bottleneck.train()
-        with torch.no_grad():
-            for _ in range(cfg.key_passes):
-                for _, batch in batches_on(run.device, train, collate_features, eval_batches(train.lengths(), cfg.eval_batch_size)):
-                    bottleneck(batch["hidden"], batch["attention_mask"])
+        key_passes(run, bottleneck, train)
     if bottleneck is not None:
         bottleneck.freeze_keys()
     fit(run, Stage(name, model, [p for p in model.parameters() if p.requires_grad], cfg.bottleneck_epochs,
                    cfg.bottleneck_lr, train, collate_features, token_loss, evaluator(run, model, val, collate_features)))
     if bottleneck is not None:
         bottleneck.unfreeze_keys()
+
+
+@torch.no_grad()
+def key_passes(run, bottleneck, train: FeatureDataset) -> None:
+    """EMA passes over the cached outputs. Data-parallel ranks each take a chunk of every global batch (an
+    empty one too) and sum the codebook statistics before each step, as one process on the global batch."""
+    bottleneck.train()
+    size = run.cfg.eval_batch_size * run.ranks.world
+    empty = {"hidden": train.features[0].new_zeros(0, 1, train.features[0].shape[-1]),
+             "attention_mask": torch.zeros(0, 1, dtype=torch.long, device=run.device)}
+    for _ in range(run.cfg.key_passes):
+        for global_batch in eval_batches(train.lengths(), size):
+            mine = distributed.chunk(global_batch, run.ranks)
+            batch = next(batches_on(run.device, train, collate_features, [mine]))[1] if mine else empty
+            bottleneck(batch["hidden"], batch["attention_mask"])
 
 
 def init_keys(run, model, features: FeatureDataset) -> None:
@@ -81,3 +96,4 @@ def init_keys(run, model, features: FeatureDataset) -> None:
     vectors = torch.cat(features.features)
     sample = torch.randperm(len(vectors), generator=generator)[:run.cfg.kmeans_samples].to(vectors.device)
     model.bottleneck.init_keys_(model.bottleneck.project(vectors[sample]), generator=generator.manual_seed(run.cfg.seed))
+    distributed.broadcast_codebooks(model)  # every rank ran k-means on the same vectors; make sure they agree

@@ -1,0 +1,204 @@
+"""Data-parallel training on CPUs (gloo, 2 processes, tiny models): codebooks identical on every rank and
+equal to one process on the concatenated batch, the same training as one process with the same global
+batch, resume after a rank is killed, uneven data, and collectives that fail by name instead of hanging."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel
+
+from keydistill.bottleneck import BottleneckConfig, DiscreteKeyBottleneck
+from keydistill.train.config import RunError
+from keydistill.train.distributed import Dist, CodebookSync, all_reduce_sum_, chunk
+from train_fixtures import REPO, tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ---- one EMA step, in processes spawned here ---------------------------------------------------------------
+
+def _bottleneck(seed: int) -> DiscreteKeyBottleneck:
+    torch.manual_seed(seed)
+    # a high dead-key threshold makes this step restart keys too
+    return DiscreteKeyBottleneck(12, BottleneckConfig(num_heads=3, num_keys=7, pooling="mean", decay=0.1,
+                                                          dead_key_threshold=0.5)).train()
+
+
+def _batches(seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    a = torch.randn(3, 5, 12, generator=g), (torch.rand(3, 5, generator=g) < 0.8).long()
+    b = torch.randn(2, 4, 12, generator=g), (torch.rand(2, 4, generator=g) < 0.8).long()
+    return a, b
+
+
+def _ema_rank(rank: int, world: int, init_file: str, seed: int, empty_rank1: bool, out: str):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    bn = _bottleneck(seed)
+    bn.sync = CodebookSync(Dist(rank, world))
+    a, b = _batches(seed)
+    hidden, mask = (a if rank == 0 else (b[0][:0], b[1][:0]) if empty_rank1 else b)
+    torch.manual_seed(seed + 2)  # rank 0 draws the restarts, as the single process does
+    bn(hidden, mask)
+    torch.save({k: v.clone() for k, v in bn.state_dict().items()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("empty_rank1", [False, True])
+def test_one_ema_step_on_two_ranks_equals_one_process_on_both_batches(tmp_path, seed, empty_rank1):
+    out = str(tmp_path / "state")
+    mp.start_processes(_ema_rank, args=(2, str(tmp_path / "init"), seed, empty_rank1, out), nprocs=2, start_method="spawn")
+    rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    for name in ("keys", "cluster_size", "embed_sum", "values"):
+        assert torch.equal(rank0[name], rank1[name]), name  # identical on every rank
+    bn = _bottleneck(seed)  # one process, one batch: A and B padded to a common length
+    (ha, ma), (hb, mb) = _batches(seed)
+    if empty_rank1:
+        hidden, mask = ha, ma
+    else:
+        hb = torch.cat([hb, torch.zeros(2, 1, 12)], 1)
+        hidden, mask = torch.cat([ha, hb]), torch.cat([ma, torch.cat([mb, torch.zeros(2, 1, dtype=torch.long)], 1)])
+    torch.manual_seed(seed + 2)
+    bn(hidden, mask)
+    for name in ("keys", "cluster_size", "embed_sum"):
+        torch.testing.assert_close(rank0[name], bn.state_dict()[name], rtol=1e-6, atol=1e-6, msg=name)
+    # dead keys were restarted, on a vector of either batch: some keys now equal a query exactly
+    queries = hidden[mask.bool()].view(-1, 3, 4)  # split projection: heads are slices of the vector
+    restarted = (rank0["keys"].unsqueeze(1) == queries.transpose(0, 1).unsqueeze(2)).all(-1).any(1)  # [H, K]
+    assert restarted.any()
+
+
+def _stuck_rank(rank: int, init_file: str, out: str):
+    from datetime import timedelta
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=3))
+    if rank == 0:
+        try:
+            all_reduce_sum_(torch.ones(3), "codebook statistics")
+        except RunError as e:
+            open(out, "w").write(str(e))
+    else:
+        time.sleep(8)  # stuck: never joins the collective
+
+
+def test_a_stuck_rank_is_an_error_naming_the_collective(tmp_path):
+    out = tmp_path / "error.txt"
+    started = time.time()
+    mp.start_processes(_stuck_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="spawn")
+    message = out.read_text()
+    assert "rank 0: the collective 'codebook statistics' failed" in message and "--dist-timeout" in message
+    assert time.time() - started < 120  # the 3 s timeout, plus starting two Python processes
+
+
+def test_chunks_cover_a_global_batch_once():
+    batch = list(range(7))
+    parts = [chunk(batch, Dist(r, 3)) for r in range(3)]
+    assert sum(parts, []) == batch and [len(p) for p in parts] == [2, 2, 3]
+    assert [chunk([5], Dist(r, 2)) for r in range(2)] == [[], [5]]
+
+
+# ---- whole runs under torchrun ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def no_dropout(tiny, tmp_path_factory):
+    """The tiny BERT without dropout: 1 and 2 processes then compute the same thing."""
+    folder = tmp_path_factory.mktemp("no_dropout")
+    model = BertModel.from_pretrained(tiny / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.save_pretrained(folder)
+    for f in (tiny / "model").iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def train_args(tiny, model, out, batch_size, *extra):
+    """Per-rank batch sizes: training batch_size, evaluation (and EMA key passes) 2 * batch_size."""
+    args = tiny_args(tiny, out, "--teacher", str(model), "--checkpoint-every", "2", *extra)
+    args[args.index("--batch-size") + 1] = str(batch_size)
+    args[args.index("--eval-batch-size") + 1] = str(2 * batch_size)
+    return args
+
+
+def torchrun(args, nproc=2, timeout=240, wait=True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "keydistill.train", *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def alone(args, timeout=240):
+    result = subprocess.run([sys.executable, "-m", "keydistill.train", *args], cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def teacher_without_dropout(tiny, no_dropout, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher_without_dropout")
+    alone(train_args(tiny, no_dropout, out, 8, "--epochs", "1"))
+    return out / "teacher"
+
+
+def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teacher_without_dropout, tmp_path):
+    # The soft assignment keeps the loss continuous in the student's outputs: under the hard lookup, rounding
+    # differences from the order of the gradient sums can flip a rare near-tie lookup and change that
+    # example's loss by a step, which no tolerance for reduction order should have to absorb.
+    args = ["--teacher-checkpoint", str(teacher_without_dropout), "--soft-temperature", "1.0", "--epochs", "2"]
+    two = torchrun(train_args(tiny, teacher_without_dropout, tmp_path / "two", 4, *args))
+    alone(train_args(tiny, teacher_without_dropout, tmp_path / "one", 8, *args))
+    assert "global batch = 4 per rank x 2 ranks x 1 accumulation = 8 examples per step" in two.stdout
+    one_m, two_m = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    one_curve, two_curve = one_m["curves"]["student"], two_m["curves"]["student"]
+    assert [s for s, _ in one_curve] == [s for s, _ in two_curve] and len(one_curve) == 14  # step for step
+    torch.testing.assert_close(torch.tensor([v for _, v in two_curve]), torch.tensor([v for _, v in one_curve]),
+                               rtol=1e-5, atol=1e-6)
+    for one_e, two_e in zip(one_m["history"], two_m["history"]):
+        assert two_e["loss"] == pytest.approx(one_e["loss"], rel=1e-5) and two_e["val"] == one_e["val"]
+    final = [load_file(str(tmp_path / d / "checkpoints" / "student.latest.safetensors")) for d in ("one", "two")]
+    weights = [k for k in final[0] if k.startswith("model.")]
+    assert len(weights) > 40  # every tensor of the 2-layer student
+    for name in weights:
+        torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kill_9_of_one_rank_then_resume_on_two_ranks_matches_an_uninterrupted_run(tiny, tmp_path):
+    args = ["--epochs", "3"]
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    torchrun(train_args(tiny, tiny / "model", whole_dir, 4, *args))
+    proc = torchrun(train_args(tiny, tiny / "model", killed_dir, 4, *args), wait=False)
+    latest = killed_dir / "checkpoints" / "student.latest.safetensors"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "torchrun's workers must still be running"
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies mid-epoch; torchrun then stops the other
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (killed_dir / "metrics.json").exists()
+    torchrun(train_args(tiny, tiny / "model", killed_dir, 4, *args, "--resume"))
+    whole, resumed = (json.loads((d / "metrics.json").read_text()) for d in (whole_dir, killed_dir))
+    for model in ("teacher", "student"):
+        assert resumed[model] == whole[model]
+    assert [s for s, _ in resumed["curves"]["student"]] == [s for s, _ in whole["curves"]["student"]]
+    assert [v for _, v in resumed["curves"]["student"]] == pytest.approx([v for _, v in whole["curves"]["student"]])
+
+
+def test_uneven_data_with_an_empty_last_chunk_finishes(tiny, tmp_path):
+    # 49 training rows: the last global batch of 8 holds one example, so rank 0's chunk of it is empty
+    result = torchrun(train_args(tiny, tiny / "model", tmp_path, 4, "--max-train-samples", "49",
+                                 "--student-ema", "--epochs", "1"), timeout=240)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["rows"]["train"] == 49
+    assert all(e["examples_per_s"] > 0 for e in metrics["history"])
+    assert "Traceback" not in result.stdout + result.stderr
