@@ -5,6 +5,8 @@
   KEYDISTILL_SKIP_CUDA=1. No GPU is needed to compile: the arch list defaults to 8.0;9.0.
 - Without a working compiler the package still installs and runs on the torch backend, unless
   KEYDISTILL_REQUIRE_EXT=1 (as in CI), which makes any build failure fatal.
+- KEYDISTILL_REQUIRE_CUDA=1 (as in CI) makes a build that would leave out the CUDA kernels (CPU-only torch, no
+  toolkit) fail instead, and tests/test_cuda_build.py then expects a CUDA kernel for every op.
 
 Install: pip install -e . --no-build-isolation   (the build needs the installed torch)
 """
@@ -71,6 +73,10 @@ def extensions():
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     kwargs = dict(name="keydistill._C", extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")])
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cuda_home is not None and not truthy("KEYDISTILL_SKIP_CUDA")
+    if truthy("KEYDISTILL_REQUIRE_CUDA") and not with_cuda:  # CI: a build without CUDA kernels must not pass
+        why = ("torch is a CPU-only build" if torch.version.cuda is None else "KEYDISTILL_SKIP_CUDA is set"
+               if truthy("KEYDISTILL_SKIP_CUDA") else "no CUDA toolkit (nvcc and include/cuda_runtime.h) was found")
+        raise RuntimeError(f"KEYDISTILL_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why}")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

@@ -1,8 +1,9 @@
 """Timing and memory helpers for the op benchmarks, and the table printed at the end of `pytest benchmarks/`.
 
 Time: wall clock (torch.cuda.synchronize around each call on a GPU); one warm-up call, then `repeats`
-timed calls, interleaved across the providers of one shape (round after round), so that a change in the
-machine's load hits baselines and backends alike; the table shows the median and the min-max spread.
+(at least MIN_SAMPLES = 5) timed samples, interleaved across the providers of one shape (round after round),
+so that a change in the machine's load hits baselines and backends alike; the table shows the median and
+the min-max spread.
 Ratios are baseline median / backend median, both measured in the same rounds.
 
 Peak extra memory, the most memory the call held at once beyond what existed before it:
@@ -25,7 +26,9 @@ import pytest
 import torch
 
 ROWS: list["Row"] = []
+NOTES: list[str] = []  # printed under the table: baselines skipped, and why
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MIN_SAMPLES = 5  # a median of fewer samples is one unlucky sample away from a wrong ratio
 
 
 @dataclass
@@ -82,7 +85,28 @@ def _timed(fn, cuda: bool, number: int = 1) -> float:
     return (time.perf_counter() - start) / number
 
 
-def measure_group(op: str, shape: str, providers: dict, repeats: int = 3, number: int = 1) -> dict[str, Row]:
+def available_memory_bytes() -> int:
+    """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable estimate."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    return _meminfo_kib("MemAvailable") * 1024
+
+
+def _meminfo_kib(field: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def skip_note(what: str, reason: str) -> None:
+    """Record (and print, under -s) a baseline that was not timed."""
+    NOTES.append(f"{what}: skipped, {reason}")
+    print(f"\n{what}: skipped, {reason}")
+
+
+def measure_group(op: str, shape: str, providers: dict, repeats: int = MIN_SAMPLES, number: int = 1) -> dict[str, Row]:
     """Time every provider on the same inputs and record a row each.
 
     Each provider gets one warm-up call that also measures its peak memory; then the timed samples run in
@@ -90,6 +114,8 @@ def measure_group(op: str, shape: str, providers: dict, repeats: int = 3, number
     sample is a block of `number` calls (timeit's method): microsecond-scale calls need blocks, or the
     timer's resolution and a cold cache after the other providers' turn dominate what is measured.
     """
+    if repeats < MIN_SAMPLES:
+        raise ValueError(f"timed medians need at least {MIN_SAMPLES} samples, got repeats={repeats}")
     cuda = DEVICE.type == "cuda"
     peaks = {name: _cuda_peak_extra(fn) if cuda else _cpu_peak_extra(fn) for name, fn in providers.items()}
     times: dict[str, list[float]] = {name: [] for name in providers}
@@ -103,7 +129,7 @@ def measure_group(op: str, shape: str, providers: dict, repeats: int = 3, number
     return rows
 
 
-def measure(op: str, shape: str, provider: str, fn, repeats: int = 3) -> Row:
+def measure(op: str, shape: str, provider: str, fn, repeats: int = MIN_SAMPLES) -> Row:
     """measure_group for a single provider."""
     return measure_group(op, shape, {provider: fn}, repeats)[provider]
 
@@ -136,6 +162,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
         if i == 0:
             terminalreporter.write_line("  ".join("-" * w for w in widths))
+    for note in NOTES:
+        terminalreporter.write_line(note)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def steps(out: str) -> list[Step]:
                                   "triton.__version__, torch.cuda.get_device_name(), "
                                   "torch.cuda.get_device_capability()); "
                                   "assert _library.has_cuda_kernels(), 'no CUDA kernels in keydistill._C'; "
-                                  "print('backends:', backends())"], 60),
+                                  "print('backends for CUDA tensors:', backends('cuda'))"], 60),
         Step("tests-kernels", pytest + ["tests", "-k", KERNEL_TESTS, junit[0]], 200),
         Step("benchmarks", pytest + ["-s", "benchmarks"], 180),
         Step("tests-rest", pytest + ["tests", "-k", f"not ({KERNEL_TESTS})", junit[1]], 150),

@@ -106,8 +106,9 @@ struct Forward {
 Forward run_forward(const at::Tensor& student, const at::Tensor& teacher, double temperature,
                     const std::optional<at::Tensor>& mask, c10::string_view reduction, bool compute_grad) {
   const Reduction r = parse_reduction(reduction);
-  const Denominator den = r == Reduction::kBatchMean ? batch_denominator(student, mask) : Denominator{};
+  // The kernel first: it validates every argument (csrc/checks.h) before the mask is read here.
   auto [rows, grad] = kd_loss_fwd(student, teacher, temperature, mask, compute_grad);
+  const Denominator den = r == Reduction::kBatchMean ? batch_denominator(student, mask) : Denominator{};
   return {reduce(rows, r, den), grad, r, den};
 }
 

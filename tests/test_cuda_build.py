@@ -25,9 +25,12 @@ def _truthy(name: str) -> bool:  # as setup.py reads its switches
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-# setup.py builds the CUDA kernels exactly when torch is a CUDA build, nvcc is there and nobody opted out.
-CUDA_EXPECTED = (torch.version.cuda is not None and shutil.which("nvcc") is not None
-                 and not _truthy("KEYDISTILL_SKIP_CUDA"))
+# setup.py builds the CUDA kernels exactly when torch is a CUDA build, nvcc is there and nobody opted out;
+# KEYDISTILL_REQUIRE_CUDA=1 (CI) expects them whatever this machine has, so a CPU-only torch fails instead
+# of skipping.
+REQUIRE_CUDA = _truthy("KEYDISTILL_REQUIRE_CUDA")
+CUDA_EXPECTED = REQUIRE_CUDA or (torch.version.cuda is not None and shutil.which("nvcc") is not None
+                                 and not _truthy("KEYDISTILL_SKIP_CUDA"))
 needs_cuda_build = pytest.mark.skipif(
     not CUDA_EXPECTED, reason="no CUDA build expected: torch without CUDA, no nvcc, or KEYDISTILL_SKIP_CUDA=1")
 
@@ -47,6 +50,7 @@ def test_extension_loads_without_a_gpu():
 
 @needs_cuda_build
 def test_every_op_has_a_cuda_kernel():
+    assert torch.version.cuda is not None, "KEYDISTILL_REQUIRE_CUDA=1 but torch is a CPU-only build"
     missing = [op for op in _library.OPS if not _library.has_kernel(op, "CUDA")]
     assert not missing, (f"keydistill._C ({_library._C.__file__}) has no CUDA kernel for {missing}: reinstall with "
                          "nvcc on the PATH and KEYDISTILL_REQUIRE_EXT=1 to see why the CUDA sources did not build")
@@ -83,6 +87,48 @@ def test_cuda_code_is_built_for_the_target_architectures():
     built = set(re.findall(r"\.(sm_\d+a?)\.cubin", listing.stdout))
     expected = _expected_architectures()
     assert expected <= built, f"device code for {sorted(built)}, expected {sorted(expected)}"
+
+
+def test_ci_runs_the_readme_test_command_in_a_fresh_environment_and_requires_cuda():
+    """.ci/run tests what a newcomer's install gets: a new virtual environment, the README's test command
+    verbatim, and a build that must carry its CUDA kernels."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme_command = next(line.strip() for line in f if "python -m pytest tests/" in line and "pip install" in line)
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        script = f.read()
+    assert readme_command in script.splitlines()
+    assert "export KEYDISTILL_REQUIRE_EXT=1" in script and "export KEYDISTILL_REQUIRE_CUDA=1" in script
+    assert re.search(r"-m venv ", script) and re.search(r"source .*/bin/activate", script)
+
+
+def _function_body(text: str, name: str) -> str:
+    start = text.index("{", re.search(rf"\b{name}\(", text).start())
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i + 1]
+    raise ValueError(name)
+
+
+def test_cuda_sources_check_every_launch_and_validate_every_entry_point():
+    """What a read-through of csrc/cuda looks for, checked without a GPU: every kernel launch is followed by
+    C10_CUDA_KERNEL_LAUNCH_CHECK (a bad launch configuration raises at its call, not at some later sync), and
+    every op entry point runs the shared argument checks of csrc/checks.h, then takes a CUDAGuard on its
+    tensors' device, before it allocates or launches anything."""
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    assert sources
+    for path in sources:
+        with open(path) as f:
+            text = f.read()
+        for launch in re.finditer(r">>>\(", text):
+            after = text[text.index(";", launch.end()) + 1:].lstrip()
+            assert after.startswith("C10_CUDA_KERNEL_LAUNCH_CHECK();"), f"{path}: unchecked launch at offset {launch.start()}"
+        for entry in re.findall(r"m\.impl\(\"\w+\", &keydistill::cuda::(\w+)\)", text):
+            body = _function_body(text, entry)
+            guard = body.index("CUDAGuard")
+            assert "checks::" in body[:guard], f"{path}: {entry} takes its device guard before the shared checks"
+            assert "at::empty" not in body[:guard] and "<<<" not in body[:guard], f"{path}: {entry} works before its guard"
 
 
 # ---- benchmarks/gpu_check.py, as far as a CPU can check it -----------------------------------------------

@@ -43,6 +43,11 @@ def call_kd(args):
     return ops.kd_loss(args.pop("student_logits"), args.pop("teacher_logits"), **args)
 
 
+def big(*shape, dtype=torch.float32):
+    """A tensor of `shape` holding one element (stride 0): sizes past the int32 limits, without the memory."""
+    return torch.zeros((1,) * len(shape), dtype=dtype).expand(*shape)
+
+
 META = torch.device("meta")  # a second device that exists on every machine, for device-mismatch errors
 
 BAD_INPUTS = [
@@ -84,6 +89,11 @@ BAD_INPUTS = [
     (call_kd, kd_inputs(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask must have shape"),
     (call_kd, kd_inputs(reduction="mean"), ValueError, "reduction"),
     (call_kd, kd_inputs(teacher_logits=torch.randn(5, 11, device=META)), TypeError, "teacher_logits is on meta"),
+    # the int32 limits of csrc/checks.h, for every backend (zero-stride tensors: the sizes without the memory)
+    (call_nearest, nearest_inputs(x=big(1, 2, 1), keys=big(2, 2**31 - 64, 1)), ValueError, "K = 2147483584 exceeds"),
+    (call_nearest, nearest_inputs(x=big(1, 65536, 1), keys=big(65536, 1, 1)), ValueError, "H = 65536 exceeds"),
+    (call_ema, ema_inputs(x=big(2**31, 3, 4), index=big(2**31, 3, dtype=torch.long)), ValueError, "N = 2147483648 exceeds"),
+    (call_kd, kd_inputs(student_logits=big(2**31, 1), teacher_logits=big(2**31, 1)), ValueError, "N = 2147483648 exceeds"),
 ]
 
 
@@ -94,14 +104,110 @@ def test_bad_input_raises_naming_the_argument(call, args, error, words, backend)
         call({**args, "backend": backend})
 
 
-def test_compiled_ops_reject_bad_input_without_crashing():
-    """Called directly (bypassing the checks), the C++ kernels raise instead of reading out of bounds."""
+# ---- the compiled ops called directly: csrc/checks.h, shared by the CPU and CUDA entry points ---------------
+
+def op_nearest(x=None, keys=None):
+    return torch.ops.keydistill.nearest_key(torch.randn(4, 2, 3) if x is None else x,
+                                            torch.randn(2, 5, 3) if keys is None else keys)
+
+
+def op_ema(**change):
+    args = dict(keys=torch.randn(2, 5, 3), cluster_size=torch.ones(2, 5), embed_sum=torch.zeros(2, 5, 3),
+                x=torch.randn(4, 2, 3), index=torch.randint(0, 5, (4, 2)), decay=0.9, eps=1e-5, deterministic=True)
+    args.update(change)
+    return torch.ops.keydistill.ema_update_(*args.values())
+
+
+def op_kd(**change):
+    args = dict(student=torch.randn(4, 7), teacher=torch.randn(4, 7), temperature=2.0, mask=None, compute_grad=True)
+    args.update(change)
+    return torch.ops.keydistill.kd_loss_fwd(*args.values())
+
+
+def op_kd_reduced(**change):
+    args = dict(student=torch.randn(4, 7), teacher=torch.randn(4, 7), temperature=2.0, mask=None, reduction="batchmean")
+    args.update(change)
+    return torch.ops.keydistill.kd_loss(*args.values())
+
+
+DIRECT_BAD_ARGS = [  # (call, the message it must raise with)
+    (lambda: op_nearest(x=torch.randn(4, 6)), r"x must be \[N, H, d\]"),
+    (lambda: op_nearest(keys=torch.randn(5, 3)), r"keys must be \[H, K, d\]"),
+    (lambda: op_nearest(x=torch.randn(4, 2, 3).double()), "x must be float32, float16 or bfloat16, got Double"),
+    (lambda: op_nearest(x=torch.randn(4, 2, 3).half(), keys=torch.randn(2, 5, 3).bfloat16()), "keys must be float32 or x's dtype"),
+    (lambda: op_nearest(keys=torch.randn(3, 5, 3)), "disagree on H or d"),
+    (lambda: op_nearest(keys=torch.randn(2, 5, 4)), "disagree on H or d"),
+    (lambda: op_nearest(keys=torch.randn(2, 0, 3)), "K >= 1"),
+    (lambda: op_nearest(x=big(1, 2, 1), keys=big(2, 2**31 - 64, 1)), "K = 2147483584 exceeds the kernels' limit of 2147483583"),
+    (lambda: op_nearest(x=big(1, 65536, 1), keys=big(65536, 1, 1)), "H = 65536 exceeds"),
+    (lambda: op_ema(keys=torch.randn(2, 5)), r"keys must be \[H, K, d\]"),
+    (lambda: op_ema(cluster_size=torch.ones(2, 5, 1)), r"cluster_size must be \[H, K\]"),
+    (lambda: op_ema(index=torch.zeros(4, dtype=torch.long)), r"index must be \[N, H\]"),
+    (lambda: op_ema(cluster_size=torch.ones(2, 4)), "disagree"),
+    (lambda: op_ema(x=torch.randn(4, 3, 3)), "disagree"),
+    (lambda: op_ema(index=torch.zeros(3, 2, dtype=torch.long)), "disagree"),
+    (lambda: op_ema(cluster_size=torch.ones(2, 5, dtype=torch.float64)), "cluster_size must be float32, got Double"),
+    (lambda: op_ema(keys=torch.randn(2, 5, 3).half()), "keys must be float32, got Half"),
+    (lambda: op_ema(embed_sum=torch.zeros(2, 3, 5).transpose(1, 2)), "embed_sum is updated in place and must be contiguous"),
+    (lambda: op_ema(x=torch.randn(4, 2, 3).double()), "x must be float32, float16 or bfloat16"),
+    (lambda: op_ema(index=torch.zeros(4, 2)), "index must be int64 or int32, got Float"),
+    (lambda: op_ema(index=torch.full((4, 2), 5)), r"index value 5 is outside \[0, K=5\)"),
+    (lambda: op_ema(index=torch.full((4, 2), -1, dtype=torch.int32)), r"index value -1 is outside \[0, K=5\)"),
+    (lambda: op_ema(decay=1.0), r"decay must be in \[0, 1\)"),
+    (lambda: op_ema(decay=float("nan")), "decay"),
+    (lambda: op_ema(eps=0.0), "eps must be finite and > 0"),
+    (lambda: op_ema(keys=big(2**16, 2**15, 1), cluster_size=big(2**16, 2**15), embed_sum=big(2**16, 2**15, 1),
+                    x=big(1, 2**16, 1), index=big(1, 2**16, dtype=torch.long)), "H \\* K = 2147483648 exceeds"),
+    (lambda: op_ema(x=big(2**31, 2, 3), index=big(2**31, 2, dtype=torch.long)), "N = 2147483648 exceeds"),
+    (lambda: op_kd(student=torch.randn(4, 7, 1)), r"student must be \[N, V\]"),
+    (lambda: op_kd(teacher=torch.randn(4, 8)), "must have one shape"),
+    (lambda: op_kd(student=torch.randn(4, 7).double()), "student must be float32, float16 or bfloat16, got Double"),
+    (lambda: op_kd(teacher=torch.randint(0, 3, (4, 7))), "teacher must be float32, float16 or bfloat16, got Long"),
+    (lambda: op_kd(temperature=0.0), "temperature must be finite and > 0"),
+    (lambda: op_kd(temperature=float("inf")), "temperature must be finite and > 0"),
+    (lambda: op_kd(mask=torch.ones(4, dtype=torch.uint8)), "mask must be bool, got Byte"),
+    (lambda: op_kd(mask=torch.ones(5, dtype=torch.bool)), r"mask must be \[N=4\]"),
+    (lambda: op_kd(student=big(2**31, 1), teacher=big(2**31, 1)), "N = 2147483648 exceeds"),
+    (lambda: op_kd(student=big(1, 2**31), teacher=big(1, 2**31)), "V = 2147483648 exceeds"),
+    # the reduced op validates through the same kernel entry point before it reads the mask
+    (lambda: op_kd_reduced(mask=torch.ones(4)), "mask must be bool, got Float"),
+    (lambda: op_kd_reduced(reduction="mean"), "reduction must be"),
+]
+
+
+@pytest.mark.parametrize("call,message", DIRECT_BAD_ARGS, ids=[m[:40] for _, m in DIRECT_BAD_ARGS])
+def test_direct_op_calls_reject_bad_arguments(call, message):
+    """torch.ops.keydistill.* bypass keydistill.ops' Python checks: the C++ entry points raise the shared
+    checks' message instead of reading or writing out of bounds (the CUDA entry points run the same code)."""
     from keydistill.ops import _library  # noqa: F401  (loads torch.ops.keydistill)
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_direct_op_calls_leave_the_state_alone_on_a_bad_index():
+    """The CPU kernel meets an out-of-range index while accumulating: the state must not be half-updated."""
+    from keydistill.ops import _library  # noqa: F401
     keys, size, esum = torch.randn(2, 5, 3), torch.ones(2, 5), torch.zeros(2, 5, 3)
+    before = [t.clone() for t in (keys, size, esum)]
+    index = torch.randint(0, 5, (40, 2))
+    index[37, 1] = 5
     with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.keydistill.ema_update_(keys, size, esum, torch.randn(4, 2, 3), torch.full((4, 2), 5), 0.9, 1e-5, True)
-    with pytest.raises(RuntimeError, match="disagree"):
-        torch.ops.keydistill.nearest_key(torch.randn(4, 2, 3), torch.randn(3, 5, 3))
+        torch.ops.keydistill.ema_update_(keys, size, esum, torch.randn(40, 2, 3), index, 0.9, 1e-5, False)
+    assert all(torch.equal(a, b) for a, b in zip(before, (keys, size, esum)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mix needs a second device with kernels: a GPU")
+def test_direct_op_calls_reject_a_device_mix():
+    """The dispatcher sends a CPU/CUDA mix to the CUDA kernel, which must refuse it before taking a guard."""
+    from keydistill.ops import _library  # noqa: F401
+    with pytest.raises(RuntimeError, match="keys is on cpu but x is on cuda"):
+        torch.ops.keydistill.nearest_key(torch.randn(4, 2, 3, device="cuda"), torch.randn(2, 5, 3))
+    with pytest.raises(RuntimeError, match="index is on cpu but keys is on cuda"):
+        op_ema(keys=torch.randn(2, 5, 3, device="cuda"), cluster_size=torch.ones(2, 5, device="cuda"),
+               embed_sum=torch.zeros(2, 5, 3, device="cuda"), x=torch.randn(4, 2, 3, device="cuda"))
+    with pytest.raises(RuntimeError, match="mask is on cpu but student is on cuda"):
+        op_kd(student=torch.randn(4, 7, device="cuda"), teacher=torch.randn(4, 7, device="cuda"),
+              mask=torch.ones(4, dtype=torch.bool))
 
 
 # ---- N = 0 -------------------------------------------------------------------------------------------------
@@ -134,6 +240,17 @@ def test_backends_lists_what_runs_here():
     assert "torch" in available and "cpp" in available  # the build must produce keydistill._C
     assert ("cuda" in available) == torch.cuda.is_available()
     assert list(available) == [b for b in _backends.ALL if b in available]  # fastest first
+
+
+def test_backends_per_device(monkeypatch):
+    """ops.backends(device) lists only backends that run on that device's tensors: on a GPU machine "cpp" is
+    available but must not be given CUDA tensors (the benchmarks once did, and every GPU benchmark raised)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU machine reports
+    on_cuda = ops.backends("cuda")
+    assert "cpp" not in on_cuda and "torch" in on_cuda and "triton" in on_cuda
+    assert ("cuda" in on_cuda) == _backends._extension()[0].has_cuda_kernels()
+    assert "cuda" not in ops.backends(torch.device("cpu")) and "cpp" in ops.backends("cpu")
+    assert set(ops.backends()) >= set(on_cuda) | {"cpp"}
 
 
 def test_auto_prefers_the_compiled_cpu_kernels():

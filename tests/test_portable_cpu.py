@@ -27,11 +27,14 @@ def test_the_switch_selects_the_portable_paths():
 
 
 def test_portable_kernels_match_float64():
-    # Both nearest_key tilings (small and large d), exact ties, both kd_loss row paths, fp16 widening.
+    # Both nearest_key tilings (small and large d), exact ties, both kd_loss row paths, fp16 widening, and the
+    # non-finite logits (the AVX2 and portable paths handle -inf, NaN and +inf apart).
     selection = ("cpp and (nearest_key_matches or exact_ties or many_query_tiles or nearest_key_low_precision "
-                 "or kd_loss_matches or kd_loss_extreme or kd_loss_low_precision)")
+                 "or kd_loss_matches or kd_loss_extreme or kd_loss_low_precision or minus_inf or nan_and_plus_inf "
+                 "or issue_example)")
+    files = [str(TESTS / "test_ops_kernels.py"), str(TESTS / "test_ops_nonfinite.py")]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "test_ops_kernels.py"), "-k", selection],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", selection],
         env={**os.environ, "KEYDISTILL_DISABLE_AVX2": "1"}, capture_output=True, text=True, timeout=900, cwd=TESTS.parent)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "deselected" in result.stdout

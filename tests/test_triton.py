@@ -29,17 +29,19 @@ def eps(dtype):
 
 def check_nearest(x, keys, index, sqdist):
     """The chosen key is (within fp32 ranking error) a nearest one; sqdist is its exact distance; indices
-    agree with the float64 argmin wherever the minimum is unique by more than that error."""
+    agree with the float64 argmin wherever the minimum is unique by more than that error. Everything is
+    compared on the CPU, whatever device the kernel ran on."""
+    x, keys, index, sqdist = x.cpu(), keys.cpu(), index.cpu(), sqdist.cpu()
     dist = reference.nearest_key_exact(x, keys)  # [N, H, K] float64
-    chosen = dist.gather(-1, index.unsqueeze(-1).cpu()).squeeze(-1)
+    chosen = dist.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     scale = x.double().pow(2).sum(-1) + keys.double().pow(2).sum(-1).amax(-1)  # |x|^2 + max |k|^2 per (n, h)
     rank_tol = 8 * eps(torch.float32) * scale + 1e-30
     best2 = dist.topk(min(2, dist.shape[-1]), dim=-1, largest=False).values
     assert (chosen - best2[..., 0] <= rank_tol).all()
-    torch.testing.assert_close(sqdist.double().cpu(), chosen, rtol=4 * eps(torch.float32), atol=1e-30)
+    torch.testing.assert_close(sqdist.double(), chosen, rtol=4 * eps(torch.float32), atol=1e-30)
     if dist.shape[-1] > 1:
         unique = best2[..., 1] - best2[..., 0] > 2 * rank_tol
-        assert torch.equal(index.cpu()[unique], dist.argmin(-1)[unique])
+        assert torch.equal(index[unique], dist.argmin(-1)[unique])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -68,7 +70,7 @@ def test_nearest_key_ties_go_to_lowest_key(seed):
     keys[:, 7] = keys[:, 5]  # duplicate in the same tile, after the original
     x = keys[:, [5, 100, 7, 139]].transpose(0, 1).contiguous()  # queries sitting on keys
     index, sqdist = ops.nearest_key(x, keys, backend="triton")
-    dist = reference.nearest_key_exact(x, keys)
+    dist = reference.nearest_key_exact(x.cpu(), keys.cpu())
     first_min = (dist == dist.amin(-1, keepdim=True)).int().argmax(-1)  # lowest k among the minima
     assert torch.equal(index.cpu(), first_min)
     assert index[0].tolist() == [5, 5] and index[1].tolist() == [5, 5]
@@ -216,6 +218,42 @@ def test_kd_loss_without_grad_and_empty(seed):
     loss.backward()
     assert loss.item() == 0 and empty.grad.shape == (0, 9)
 
+
+
+# ---- every launcher runs on its tensors' device -------------------------------------------------------------
+
+def test_device_of_enters_the_tensors_own_gpu():
+    """Triton launches on torch's current device: the launchers must enter their tensors' device first."""
+    from keydistill.ops.triton._device import device_of
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # CUDA tensors without a GPU: metadata only
+        on_gpu1 = torch.empty(3, device="cuda:1")
+    guard = device_of(on_gpu1)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(device_of(torch.empty(3)), torch.cuda.device)  # the interpreter: nothing to enter
+
+
+def test_every_launcher_enters_its_tensors_device(monkeypatch):
+    """Each op's launcher takes its device from its own tensors (checked by recording what it enters)."""
+    import contextlib
+
+    from keydistill.ops.triton import ema_update_kernel, kd_loss_kernel, nearest_key_kernel
+
+    entered = []
+
+    def recording_device_of(tensor):
+        entered.append(tensor.device)
+        return contextlib.nullcontext()
+
+    for module in (ema_update_kernel, kd_loss_kernel, nearest_key_kernel):
+        monkeypatch.setattr(module, "device_of", recording_device_of)
+    ops.nearest_key(torch.randn(5, 2, 3, device=DEVICE), torch.randn(2, 4, 3, device=DEVICE), backend="triton")
+    state = ema_states(2, 4, 3)
+    ops.ema_update_(*state, torch.randn(5, 2, 3, device=DEVICE), torch.randint(0, 4, (5, 2), device=DEVICE),
+                    decay=0.5, backend="triton")
+    ops.kd_loss(torch.randn(3, 9, device=DEVICE), torch.randn(3, 9, device=DEVICE), backend="triton")
+    assert [d.type for d in entered] == [DEVICE.type] * 3
 
 
 # ---- the same kernels, lowered for a real GPU ---------------------------------------------------------

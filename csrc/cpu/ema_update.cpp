@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
+
 namespace keydistill::cpu {
 namespace {
 
@@ -34,7 +36,7 @@ void accumulate(const at::Tensor& x, const at::Tensor& index, int64_t num_keys, 
       const int64_t head = t / slices, j0 = (t % slices) * width, j1 = std::min(d, j0 + width);
       for (int64_t row = 0; row < n; ++row) {
         const int64_t k = static_cast<int64_t>(ip[row * is0 + head * is1]);
-        TORCH_CHECK(k >= 0 && k < num_keys, "ema_update_: index value ", k, " is outside [0, K=", num_keys, ")");
+        KD_CHECK_INDEX(k, num_keys);
         const scalar_t* src = xp + row * xs0 + head * xs1;
         float* dst = sums + (head * num_keys + k) * d;
         for (int64_t j = j0; j < j1; ++j) dst[j] += static_cast<float>(src[j * xs2]);
@@ -46,14 +48,8 @@ void accumulate(const at::Tensor& x, const at::Tensor& index, int64_t num_keys, 
 
 void ema_update_cpu(const at::Tensor& keys, const at::Tensor& cluster_size, const at::Tensor& embed_sum,
                     const at::Tensor& x, const at::Tensor& index, double decay, double eps, bool /*deterministic*/) {
-  TORCH_CHECK(keys.dim() == 3 && x.dim() == 3 && index.dim() == 2, "ema_update_: expected keys [H,K,d], x [N,H,d], index [N,H]");
-  const int64_t h = keys.size(0), num_keys = keys.size(1), d = keys.size(2), n = x.size(0);
-  TORCH_CHECK(embed_sum.sizes() == keys.sizes() && cluster_size.dim() == 2 && cluster_size.size(0) == h &&
-                  cluster_size.size(1) == num_keys && x.size(1) == h && x.size(2) == d && index.size(0) == n &&
-                  index.size(1) == h,
-              "ema_update_: shapes of keys, cluster_size, embed_sum, x and index disagree");
-  for (const at::Tensor* state : {&keys, &cluster_size, &embed_sum})
-    TORCH_CHECK(state->scalar_type() == at::kFloat && state->is_contiguous(), "ema_update_: state must be contiguous float32");
+  checks::ema_update_args(keys, cluster_size, embed_sum, x, index, decay, eps);
+  const int64_t h = keys.size(0), num_keys = keys.size(1), d = keys.size(2);
 
   at::Tensor counts = at::zeros({h, num_keys}, keys.options().dtype(at::kLong));
   at::Tensor sums = at::zeros({h, num_keys, d}, keys.options());

@@ -5,8 +5,14 @@
 // (so log-sum-exp needs no separate max pass), then a second loop over the same row, still in cache, forms
 // both log-probabilities as (a - max) - log(sum), as log_softmax does, and emits the loss terms
 // p_t * (log p_t - log p_s) and the gradient. The only [N, V] allocation is the gradient; fp16/bf16 or
-// strided rows are widened into a per-thread row buffer first. Exponentials of very negative arguments are exactly 0, so extreme logits
-// (±1e4) give finite losses, and rows masked out get loss 0 and gradient 0.
+// strided rows are widened into a per-thread row buffer first. Exponentials of very negative arguments are
+// exactly 0, so extreme logits (±1e4) give finite losses, and rows masked out get loss 0 and gradient 0.
+//
+// Non-finite logits follow the one semantics of every backend (keydistill/ops/__init__.py, kd_loss):
+// a teacher -inf is probability 0 and its term is 0 (never 0 * inf), a student -inf under teacher mass gives
+// +inf, a teacher row that is all -inf gives loss 0 and gradient 0, and NaN or +inf anywhere in a row, or a
+// student row that is all -inf, gives that row a NaN loss and gradient. The online statistics start from the
+// lowest finite float (not -inf), so -inf inputs never meet exp(-inf - -inf), and the AVX2 exp lets NaN through.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/simd.h"
 
 namespace keydistill::cpu {
@@ -41,6 +48,16 @@ struct RowStats {
   float log_sum() const { return static_cast<float>(std::log(sum)); }
 };
 
+// A teacher row that is all -inf (its sum of exponentials is exactly 0; NaN is not) has no distribution to
+// match: loss 0 and gradient 0, like a masked-out row.
+template <typename Stats>
+bool no_target(const Stats& teacher, int64_t v, float* g, float* loss) {
+  if (teacher.sum != 0) return false;
+  *loss = 0.f;
+  if (g) std::fill(g, g + v, 0.f);
+  return true;
+}
+
 // The row kernels: s, t are the row's logits as float, g (if non-null) receives the gradient.
 void row_scalar(const float* s, const float* t, int64_t v, float inv_t, float temperature, float* g, float* loss) {
   RowStats ss, ts;
@@ -48,22 +65,24 @@ void row_scalar(const float* s, const float* t, int64_t v, float inv_t, float te
     ss.add(s[i] * inv_t);
     ts.add(t[i] * inv_t);
   }
+  if (no_target(ts, v, g, loss)) return;
   const float log_zs = ss.log_sum(), log_zt = ts.log_sum();
   double acc = 0.0;  // sequential over the row: in double, for the same reason as RowStats::sum
   for (int64_t i = 0; i < v; ++i) {
     const float log_ps = (s[i] * inv_t - ss.max) - log_zs, log_pt = (t[i] * inv_t - ts.max) - log_zt;
     const float pt = std::exp(log_pt);
-    acc += pt * (log_pt - log_ps);
+    if (pt != 0.f) acc += pt * (log_pt - log_ps);  // p_t == 0: the limit of p log p, also against a student -inf
     if (g) g[i] = temperature * (std::exp(log_ps) - pt);
   }
   *loss = static_cast<float>(acc) * temperature * temperature;
 }
 
 #ifdef KEYDISTILL_X86
-// exp for AVX2 (Cephes' expf polynomial, ~1 ulp); arguments below ~-87.3 give exactly 0.
+// exp for AVX2 (Cephes' expf polynomial, ~1 ulp); arguments below ~-87.3 (and -inf) give exactly 0, NaN gives
+// NaN: the clamp takes x as the second operand of max/min, which is what they return when either is NaN.
 KD_AVX2_INLINE __m256 exp_avx2(__m256 x) {
   const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.3762626647949f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-87.33654f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -124,6 +143,7 @@ KD_AVX2 void row_avx2(const float* s, const float* t, int64_t v, float inv_t, fl
     ss.add(s[i] * inv_t);
     ts.add(t[i] * inv_t);
   }
+  if (no_target(ts, v, g, loss)) return;
   const float log_zs = ss.log_sum(), log_zt = ts.log_sum();
   const __m256 max_s = _mm256_set1_ps(ss.max), max_t = _mm256_set1_ps(ts.max);
   const __m256 vlog_zs = _mm256_set1_ps(log_zs), vlog_zt = _mm256_set1_ps(log_zt), vtemp = _mm256_set1_ps(temperature);
@@ -132,14 +152,16 @@ KD_AVX2 void row_avx2(const float* s, const float* t, int64_t v, float inv_t, fl
     const __m256 log_ps = _mm256_sub_ps(_mm256_fmsub_ps(_mm256_loadu_ps(s + i), scale, max_s), vlog_zs);
     const __m256 log_pt = _mm256_sub_ps(_mm256_fmsub_ps(_mm256_loadu_ps(t + i), scale, max_t), vlog_zt);
     const __m256 pt = exp_avx2(log_pt);
-    acc = _mm256_fmadd_ps(pt, _mm256_sub_ps(log_pt, log_ps), acc);
+    // Terms where p_t == 0 are 0 (NEQ_UQ keeps NaN): never 0 * inf, at a teacher -inf or a student -inf.
+    const __m256 term = _mm256_mul_ps(pt, _mm256_sub_ps(log_pt, log_ps));
+    acc = _mm256_add_ps(acc, _mm256_and_ps(term, _mm256_cmp_ps(pt, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
     if (g) _mm256_storeu_ps(g + i, _mm256_mul_ps(vtemp, _mm256_sub_ps(exp_avx2(log_ps), pt)));
   }
   float total = hsum(acc);
   for (int64_t i = vv; i < v; ++i) {
     const float log_ps = (s[i] * inv_t - ss.max) - log_zs, log_pt = (t[i] * inv_t - ts.max) - log_zt;
     const float pt = std::exp(log_pt);
-    total += pt * (log_pt - log_ps);
+    if (pt != 0.f) total += pt * (log_pt - log_ps);
     if (g) g[i] = temperature * (std::exp(log_ps) - pt);
   }
   *loss = total * temperature * temperature;
@@ -187,14 +209,9 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, double temper
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    double temperature, const std::optional<at::Tensor>& mask_in,
                                                    bool compute_grad) {
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), "kd_loss_fwd: student and teacher must be [N, V] alike");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "kd_loss_fwd: temperature must be finite and > 0");
+  checks::kd_loss_fwd_args(student, teacher, temperature, mask_in);
   const int64_t n = student.size(0), v = student.size(1);
-  at::Tensor mask;
-  if (mask_in.has_value()) {
-    mask = mask_in->to(at::kBool).contiguous();
-    TORCH_CHECK(mask.dim() == 1 && mask.size(0) == n, "kd_loss_fwd: mask must be [N]");
-  }
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   at::Tensor loss = at::empty({n}, student.options().dtype(at::kFloat));
   at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{n, v} : at::IntArrayRef{0}, student.options());
   if (n == 0 || v == 0) return {loss.zero_(), grad.zero_()};

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 
+#include "checks.h"
 #include "cpu/simd.h"
 
 namespace keydistill::cpu {
@@ -340,10 +341,7 @@ void nearest_large_d(const at::Tensor& x, const at::Tensor& keys, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_key_cpu(const at::Tensor& x, const at::Tensor& keys) {
-  TORCH_CHECK(x.dim() == 3 && keys.dim() == 3, "nearest_key: x must be [N,H,d] and keys [H,K,d]");
-  TORCH_CHECK(x.size(1) == keys.size(0) && x.size(2) == keys.size(2), "nearest_key: x and keys disagree on H or d");
-  TORCH_CHECK(keys.size(1) > 0, "nearest_key: K must be >= 1");
-  TORCH_CHECK(keys.size(1) < (int64_t{1} << 31), "nearest_key: K must be < 2^31");
+  checks::nearest_key_args(x, keys);
   const int64_t n = x.size(0), h = x.size(1), d = x.size(2);
   auto index = at::empty({n, h}, x.options().dtype(at::kLong));
   auto sqdist = at::empty({n, h}, x.options().dtype(at::kFloat));

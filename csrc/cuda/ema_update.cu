@@ -6,6 +6,9 @@
 //    - deterministically: rows are stably sorted by (h, k) and each key sums its segment in row order.
 // 3. cluster_size <- EMA, and n_h = sum_k cluster_size[h,k] (one block per head, fixed reduction order).
 // 4. embed_sum <- EMA and keys <- embed_sum / smoothed size, in one elementwise pass.
+// Index values are range-checked where they are read (KD_CHECK_INDEX: a device-side assertion, no host sync);
+// a value out of range is skipped, never used as an address.
+#include "checks.h"
 #include "cuda/common.cuh"
 
 #include <ATen/ops/empty.h>
@@ -30,14 +33,24 @@ struct Shape {
   int d;
 };
 
-// counts[slot] += 1 for each (row, head), slot = h*K + index; also records the slot when `slots` is given.
+// index[r] if it lies in [0, K), else -1 (after a device-side assertion).
+template <typename idx_t>
+__device__ __forceinline__ int64_t key_of(const idx_t* __restrict__ index, int64_t r, int num_keys) {
+  const int64_t k = static_cast<int64_t>(index[r]);
+  KD_CHECK_INDEX(k, num_keys);
+  return k >= 0 && k < num_keys ? k : -1;
+}
+
+// counts[slot] += 1 for each (row, head), slot = h*K + index; also records the slot (-1 for a skipped
+// out-of-range index, which sorts first and belongs to no key) when `slots` is given.
 template <typename idx_t>
 __global__ void count_kernel(const idx_t* __restrict__ index, int* __restrict__ counts, int* __restrict__ slots,
                              Shape shape) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < shape.rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int slot = static_cast<int>(r % shape.heads) * shape.keys + static_cast<int>(index[r]);
-    atomicAdd(counts + slot, 1);
+    const int64_t k = key_of(index, r, shape.keys);
+    const int slot = k < 0 ? -1 : static_cast<int>(r % shape.heads) * shape.keys + static_cast<int>(k);
+    if (slot >= 0) atomicAdd(counts + slot, 1);
     if (slots != nullptr) slots[r] = slot;
   }
 }
@@ -52,7 +65,9 @@ __global__ void scatter_sums_kernel(const x_t* __restrict__ x, const idx_t* __re
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = p * kWidth, r = e / shape.d;
     const int c = static_cast<int>(e - r * shape.d);
-    const int64_t slot = static_cast<int64_t>(r % shape.heads) * shape.keys + static_cast<int64_t>(index[r]);
+    const int64_t k = key_of(index, r, shape.keys);
+    if (k < 0) continue;
+    const int64_t slot = static_cast<int64_t>(r % shape.heads) * shape.keys + k;
     float* dst = sums + slot * shape.d + c;
     if constexpr (kWidth == 4) {
       const float4 v = make_float4(to_float(x[e]), to_float(x[e + 1]), to_float(x[e + 2]), to_float(x[e + 3]));
@@ -196,20 +211,14 @@ at::Tensor key_stats(const at::Tensor& x, const at::Tensor& index, const at::Ten
 // for every device, and the CPU kernels take const at::Tensor& throughout.
 void ema_update_cuda(const at::Tensor& keys, const at::Tensor& cluster_size, const at::Tensor& embed_sum,
                      const at::Tensor& x_in, const at::Tensor& index_in, double decay, double eps, bool deterministic) {
+  // Shapes, dtypes, contiguous state, decay/eps, int32 limits, and one device for all (so one guard).
+  checks::ema_update_args(keys, cluster_size, embed_sum, x_in, index_in, decay, eps);
   check_cuda(keys, "ema_update_", "keys");
-  check_cuda(cluster_size, "ema_update_", "cluster_size");
-  check_cuda(embed_sum, "ema_update_", "embed_sum");
-  check_cuda(x_in, "ema_update_", "x");
-  check_cuda(index_in, "ema_update_", "index");
-  TORCH_CHECK(keys.is_contiguous() && cluster_size.is_contiguous() && embed_sum.is_contiguous(),
-              "keydistill::ema_update_ (CUDA): keys, cluster_size and embed_sum are updated in place and must be "
-              "contiguous");
   const c10::cuda::CUDAGuard device_guard(keys.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const int64_t heads = keys.size(0), num_keys = keys.size(1), d = keys.size(2);
   if (heads == 0 || num_keys == 0) return;
-  TORCH_CHECK(heads * num_keys < INT_MAX && d < INT_MAX, "keydistill::ema_update_ (CUDA): H*K or d too large");
   const Shape shape{x.size(0) * heads, static_cast<int>(heads), static_cast<int>(num_keys), static_cast<int>(d)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor counts = at::zeros({heads * num_keys}, x.options().dtype(at::kInt));
@@ -218,8 +227,7 @@ void ema_update_cuda(const at::Tensor& keys, const at::Tensor& cluster_size, con
     using x_t = typename decltype(x_type)::type;
     if (index.scalar_type() == at::kLong) {
       sums = key_stats<x_t, int64_t>(x, index, counts, shape, deterministic, stream);
-    } else {
-      TORCH_CHECK(index.scalar_type() == at::kInt, "keydistill::ema_update_ (CUDA): index must be int64 or int32");
+    } else {  // int32 (checked)
       sums = key_stats<x_t, int32_t>(x, index, counts, shape, deterministic, stream);
     }
   });

@@ -7,6 +7,13 @@
 // second sweep over the same row, written in the student's dtype. Everything is fp32 in base 2 (exp2).
 // 1024 threads per block keep few rows in flight (at most two blocks per SM), so the second sweep mostly
 // re-reads the row from L2 rather than from device memory.
+//
+// Non-finite logits (the semantics of every backend, keydistill/ops/__init__.py): the running maxima start at
+// -FLT_MAX, not -inf, so a -inf logit adds exp2(-inf) = 0 instead of exp2(-inf - -inf) = NaN; a teacher weight
+// of 0 adds no cross term (never 0 * inf against a student -inf), and a cross sum rescaled by 0 stays 0; a
+// teacher row that is all -inf (sum 0) gets loss 0 and gradient 0. NaN and +inf reach the sums and so give the
+// row a NaN loss and gradient.
+#include "checks.h"
 #include "cuda/common.cuh"
 
 #include <ATen/ops/empty.h>
@@ -14,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -36,7 +44,7 @@ struct RowStats {
   float cross;  // sum 2^(b - max_b) * (b - a)
 };
 
-__device__ __forceinline__ RowStats no_stats() { return {-INFINITY, 0.f, -INFINITY, 0.f, 0.f}; }
+__device__ __forceinline__ RowStats no_stats() { return {-FLT_MAX, 0.f, -FLT_MAX, 0.f, 0.f}; }
 
 // 2^x by the hardware's approximation (relative error about 2^-22, fp32-accurate): exp2f would add range
 // handling around the same instruction, and this kernel computes four of them per element.
@@ -46,10 +54,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// The factor that moves a sum taken against old_max onto new_max (0 for an empty sum).
-__device__ __forceinline__ float rescale(float old_max, float new_max) {
-  return old_max == -INFINITY ? 0.f : fast_exp2(old_max - new_max);
-}
+// The factor that moves a sum taken against old_max onto new_max. Maxima start at -FLT_MAX, so the argument
+// is never -inf - -inf; it is NaN only for +inf - +inf, which must poison the row.
+__device__ __forceinline__ float rescale(float old_max, float new_max) { return fast_exp2(old_max - new_max); }
+
+// The cross sum moved onto a new max: a factor of 0 means its teacher weights underflowed to 0, and weights of
+// 0 contribute nothing, even where the cross sum is inf (a student -inf). NaN still reaches sum_b.
+__device__ __forceinline__ float rescale_cross(float cross, float factor) { return factor == 0.f ? 0.f : cross * factor; }
 
 __device__ __forceinline__ void add(RowStats& st, float a, float b) {
   if (a > st.max_a) {
@@ -60,12 +71,12 @@ __device__ __forceinline__ void add(RowStats& st, float a, float b) {
   if (b > st.max_b) {
     const float f = rescale(st.max_b, b);
     st.sum_b *= f;
-    st.cross *= f;
+    st.cross = rescale_cross(st.cross, f);
     st.max_b = b;
   }
   const float w = fast_exp2(b - st.max_b);
   st.sum_b += w;
-  st.cross = fmaf(w, b - a, st.cross);
+  if (w != 0.f) st.cross = fmaf(w, b - a, st.cross);  // a teacher probability of 0 contributes 0, never 0 * inf
 }
 
 __device__ __forceinline__ RowStats merge(const RowStats& x, const RowStats& y) {
@@ -75,7 +86,7 @@ __device__ __forceinline__ RowStats merge(const RowStats& x, const RowStats& y) 
   out.max_b = fmaxf(x.max_b, y.max_b);
   const float fx = rescale(x.max_b, out.max_b), fy = rescale(y.max_b, out.max_b);
   out.sum_b = x.sum_b * fx + y.sum_b * fy;
-  out.cross = x.cross * fx + y.cross * fy;
+  out.cross = rescale_cross(x.cross, fx) + rescale_cross(y.cross, fy);
   return out;
 }
 
@@ -104,6 +115,15 @@ __device__ __forceinline__ RowStats block_merge(RowStats st) {
   return warp_merge(lane < kThreads / 32 ? partial[lane] : no_stats());
 }
 
+// Loss 0 and gradient 0 for one row (a masked-out row, or a teacher row without a distribution).
+template <typename s_t>
+__device__ __forceinline__ void zero_row(float* loss, s_t* g, int64_t num_classes) {
+  if (threadIdx.x == 0) *loss = 0.f;
+  if (g != nullptr) {
+    for (int64_t i = threadIdx.x; i < num_classes; i += kThreads) g[i] = from_float<s_t>(0.f);
+  }
+}
+
 template <typename s_t, typename t_t>
 __global__ void __launch_bounds__(kThreads)
     kd_loss_kernel(const s_t* __restrict__ student, const t_t* __restrict__ teacher, const bool* __restrict__ mask,
@@ -113,10 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   const t_t* t = teacher + row * num_classes;
   s_t* g = grad == nullptr ? nullptr : grad + row * num_classes;
   if (mask != nullptr && !mask[row]) {  // an excluded row: 0 loss, 0 gradient
-    if (threadIdx.x == 0) loss[row] = 0.f;
-    if (g != nullptr) {
-      for (int64_t i = threadIdx.x; i < num_classes; i += kThreads) g[i] = from_float<s_t>(0.f);
-    }
+    zero_row(loss + row, g, num_classes);
     return;
   }
   const float scale = kLog2e / temperature;
@@ -135,6 +152,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (; i < num_classes; i += kThreads) add(st, to_float(s[i]) * scale, to_float(t[i]) * scale);
   st = block_merge(st);
+  if (st.sum_b == 0.f) {  // the teacher row is all -inf: no distribution to match, as if masked out
+    zero_row(loss + row, g, num_classes);
+    return;
+  }
 
   // The base-2 log-sum-exps are max + log2(sum); max and log2(sum) stay apart so that large logits (where
   // one ulp of max is coarse) lose nothing more in the differences below.
@@ -155,9 +176,8 @@ __global__ void __launch_bounds__(kThreads)
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                     double temperature, const std::optional<at::Tensor>& mask_in,
                                                     bool compute_grad) {
+  checks::kd_loss_fwd_args(student_in, teacher_in, temperature, mask_in);  // one device for all, so one guard
   check_cuda(student_in, "kd_loss_fwd", "student");
-  check_cuda(teacher_in, "kd_loss_fwd", "teacher");
-  if (mask_in.has_value()) check_cuda(*mask_in, "kd_loss_fwd", "mask");
   const c10::cuda::CUDAGuard device_guard(student_in.device());
   const at::Tensor student = student_in.contiguous();
   const at::Tensor teacher = teacher_in.contiguous();
@@ -166,7 +186,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student_in
   at::Tensor loss = at::empty({rows}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty(student.sizes(), student.options()) : at::empty({0}, student.options());
   if (rows == 0) return {loss, grad};
-  TORCH_CHECK(rows <= INT32_MAX, "keydistill::kd_loss_fwd (CUDA): too many rows");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool* mask_ptr = mask.defined() ? data<const bool>(mask) : nullptr;
   dispatch_float(student.scalar_type(), "kd_loss_fwd", [&](auto s_type) {

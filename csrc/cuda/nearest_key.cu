@@ -11,6 +11,7 @@
 // hi + lo tf32 parts ("3xTF32": hi*hi + hi*lo + lo*hi), which is as accurate as fp32 FMA; fp16/bf16
 // values are exact in tf32, so their lo part is zero and its products are skipped at compile time.
 // The winner's distance is then recomputed directly, sum((x - k)^2) in fp32.
+#include "checks.h"
 #include "cuda/common.cuh"
 
 #include <ATen/ops/empty.h>
@@ -136,7 +137,8 @@ __global__ void __launch_bounds__(kThreads)
   const key_t* head_keys = keys + static_cast<int64_t>(h) * shape.keys * shape.d;
   const float* head_norms = norms + static_cast<int64_t>(h) * shape.keys;
   const int key_begin = blockIdx.z * shape.split_keys;
-  const int key_end = min(shape.keys, key_begin + shape.split_keys);
+  const int key_end = static_cast<int>(min(static_cast<int64_t>(shape.keys),  // in int64: K may be near INT_MAX
+                                            static_cast<int64_t>(key_begin) + shape.split_keys));
 
   if (queries_resident) {
     stage_tile<x_t, kBlockRows>(query_tile, head_x, row0, shape.rows, x_stride, 0, dpad, shape.d, -2.f);
@@ -289,8 +291,8 @@ void launch(const at::Tensor& x, const at::Tensor& keys, at::Tensor& index, at::
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_key_cuda(const at::Tensor& x_in, const at::Tensor& keys_in) {
+  checks::nearest_key_args(x_in, keys_in);  // shapes, dtypes, int32 limits, and one device for both
   check_cuda(x_in, "nearest_key", "x");
-  check_cuda(keys_in, "nearest_key", "keys");
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor keys = keys_in.contiguous();
@@ -298,17 +300,16 @@ std::tuple<at::Tensor, at::Tensor> nearest_key_cuda(const at::Tensor& x_in, cons
   at::Tensor index = at::empty({rows, heads}, x.options().dtype(at::kLong));
   at::Tensor sqdist = at::empty({rows, heads}, x.options().dtype(at::kFloat));
   if (rows == 0 || heads == 0) return {index, sqdist};
-  TORCH_CHECK(heads <= 65535, "keydistill::nearest_key (CUDA): at most 65535 heads, got ", heads);
-  TORCH_CHECK(num_keys < INT_MAX - kBlockKeys && d < INT_MAX, "keydistill::nearest_key (CUDA): K or d too large");
+  static_assert(checks::kMaxKeys <= INT_MAX - kBlockKeys, "a key tile past K must not overflow int");
+  static_assert(checks::kMaxHeads <= 65535, "heads run on grid.y");
+  TORCH_CHECK((rows + kBlockRows - 1) / kBlockRows <= INT_MAX, "keydistill::nearest_key (CUDA): N too large for grid.x");
   const Shape shape{rows, static_cast<int>(heads), static_cast<int>(num_keys), static_cast<int>(d), 0};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(x.scalar_type(), "nearest_key", [&](auto x_type) {
     using x_t = typename decltype(x_type)::type;
     if (keys.scalar_type() == at::kFloat) {
       launch<x_t, float>(x, keys, index, sqdist, shape, stream);
-    } else {
-      TORCH_CHECK(keys.scalar_type() == x.scalar_type(),
-                  "keydistill::nearest_key (CUDA): keys must be float32 or x's dtype");
+    } else {  // x's dtype (checked)
       launch<x_t, x_t>(x, keys, index, sqdist, shape, stream);
     }
   });

@@ -57,6 +57,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
 
     reduction: "batchmean" (sum over included rows / their number), "sum", or "none" ([N], 0 for
     masked-out rows). Differentiable w.r.t. student_logits only; the teacher is a constant.
+
+    Non-finite logits, the same on every backend (cuda, triton, cpp, torch) and in kd_loss_linear. With
+    p = softmax(logits / T), per included row:
+    - a logit of -inf is probability 0 (padded or masked classes). Where the teacher's probability is 0 the
+      entry contributes 0 to the loss (never 0 * inf), and its gradient is T * p_s (0 if the student is -inf
+      there too);
+    - a student -inf where the teacher has probability > 0 gives a loss of +inf (as F.kl_div does); the
+      gradient stays the finite T * (p_s - p_t);
+    - a teacher row that is all -inf has no distribution to match: loss 0 and gradient 0, as if masked out
+      (it still counts in batchmean's denominator; pass mask to leave it out);
+    - NaN or +inf anywhere in a row (student or teacher), or a student row that is all -inf (with a teacher
+      that is not), makes that row's loss and its whole gradient row NaN, as in F.kl_div.
+    Masked-out rows count for nothing: whatever they hold, their loss and gradient are 0.
     """
     _checks.check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction)
     name = resolve("kd_loss", backend, student_logits.device)
@@ -90,7 +103,7 @@ def kd_loss_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     _checks.check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                                  teacher_weight, teacher_bias, temperature, mask, reduction, chunk_size)
     name = resolve("kd_loss_linear", backend, student_hidden.device)
-    kd_rows = reference.kd_loss_rows_ignoring_mask if name == "torch" else implementation(name).kd_loss_rows
+    kd_rows = implementation(name).kd_loss_rows
     return reference.kd_loss_linear(
         student_hidden, student_weight, teacher_logits, temperature=float(temperature), student_bias=student_bias,
         teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias, mask=mask,

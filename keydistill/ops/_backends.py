@@ -87,12 +87,16 @@ def why_unavailable(backend: str, device_type: str | None = None) -> str:
     if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
         if not _interpreting():
             return "Triton needs a CUDA device; on the CPU set TRITON_INTERPRET=1 (exact but slow)"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     return ""
 
 
-def backends() -> list[str]:
-    """The backends available on this machine, fastest first."""
-    return [b for b in ALL if not why_unavailable(b)]
+def backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends available on this machine, fastest first; with `device`, those that run on its tensors
+    (on a GPU machine "cpp" is available, but not for CUDA tensors)."""
+    device_type = None if device is None else torch.device(device).type
+    return [b for b in ALL if not why_unavailable(b, device_type)]
 
 
 _LOADED: dict = {}  # backend -> its module, once resolve() found it available

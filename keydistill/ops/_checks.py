@@ -14,6 +14,18 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATE_DTYPE = torch.float32
 REDUCTIONS = ("batchmean", "sum", "none")
 
+# The int32 limits the kernels rely on, the same as csrc/checks.h imposes on direct torch.ops calls (every
+# device and backend alike): int key indices plus a 64-key tile, CUDA's grid.y for heads, int (head, key)
+# slots and int32 per-key counts in ema_update_, one CUDA block per kd_loss row.
+INT32_MAX = 2**31 - 1
+MAX_KEYS = INT32_MAX - 64
+MAX_HEADS = 65535
+
+
+def at_most(what: str, value: int, limit: int):
+    if value > limit:
+        raise ValueError(f"{what} = {value} exceeds the kernels' limit of {limit}")
+
 
 def tensor(name: str, t, *, ndim: int | None = None, dtypes=None):
     if not isinstance(t, torch.Tensor):
@@ -46,6 +58,9 @@ def check_nearest_key(x, keys):
         raise ValueError(f"x has d={x.shape[2]} (shape {tuple(x.shape)}) but keys has d={keys.shape[2]} (shape {tuple(keys.shape)})")
     if keys.shape[1] == 0:
         raise ValueError("keys must hold at least one key per head (K >= 1), got K=0")
+    at_most("K", keys.shape[1], MAX_KEYS)
+    at_most("H", keys.shape[0], MAX_HEADS)
+    at_most("d", keys.shape[2], INT32_MAX)
 
 
 def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
@@ -71,11 +86,14 @@ def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
         raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
     if not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    at_most("H * K", h * k, INT32_MAX - 1)
+    at_most("N", x.shape[0], INT32_MAX - 1)
+    at_most("d", d, INT32_MAX)
     if index.numel() and torch.compiler.is_compiling():
         # Inside a compiled graph a host-side check would break the graph: assert in the graph instead.
         torch._assert_async(((index >= 0) & (index < k)).all(), f"index holds values outside [0, K={k})")
     elif index.numel():
-        lo, hi = int(index.min()), int(index.max())
+        lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one pass, one device-to-host copy
         if lo < 0 or hi >= k:
             raise ValueError(f"index holds values in [{lo}, {hi}], outside [0, K={k})")
 
@@ -90,6 +108,8 @@ def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have one shape [N, V]")
     if student_logits.shape[1] < 1:
         raise ValueError("logits must have V >= 1 classes")
+    at_most("N", student_logits.shape[0], INT32_MAX - 1)
+    at_most("V", student_logits.shape[1], INT32_MAX)
     check_kd_options(student_logits.shape[0], temperature, mask, reduction)
 
 
@@ -99,7 +119,8 @@ def _plain_kd_call(student, teacher, temperature, mask, reduction) -> bool:
     return (type(student) is torch.Tensor and type(teacher) is torch.Tensor and mask is None
             and type(temperature) is float and 0.0 < temperature < math.inf and reduction in REDUCTIONS
             and student.dtype in FLOAT_DTYPES and teacher.dtype in FLOAT_DTYPES and student.dim() == 2
-            and student.shape == teacher.shape and student.shape[1] >= 1 and student.device == teacher.device)
+            and student.shape == teacher.shape and 1 <= student.shape[1] <= INT32_MAX
+            and student.shape[0] < INT32_MAX and student.device == teacher.device)
 
 
 def check_kd_options(n_rows, temperature, mask, reduction):
@@ -142,6 +163,8 @@ def check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_l
                 teacher_bias=teacher_bias, mask=mask)
     if vocab < 1:
         raise ValueError("student_weight must have V >= 1 rows (classes)")
+    at_most("N", n, INT32_MAX - 1)
+    at_most("V", vocab, INT32_MAX)
     check_kd_options(n, temperature, mask, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")

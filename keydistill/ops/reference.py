@@ -95,15 +95,31 @@ def smoothed_cluster_size(cluster_size: torch.Tensor, eps: float) -> torch.Tenso
     return (cluster_size + eps) / (n + cluster_size.shape[-1] * eps) * n
 
 
-def kd_loss_rows(student_logits, teacher_logits, temperature: float):
-    """Per-row T^2 * KL(softmax(t/T) || softmax(s/T)), computed in float32 (float64 for float64 input)."""
+def kd_loss_rows(student_logits, teacher_logits, temperature: float, mask=None):
+    """Per-row T^2 * KL(softmax(t/T) || softmax(s/T)), computed in float32 (float64 for float64 input).
+
+    Follows the non-finite semantics of keydistill.ops.kd_loss: rows masked out (mask[n] false) and teacher
+    rows that are all -inf give 0 and a zero gradient; entries of teacher probability 0 contribute 0; a
+    student -inf under teacher mass gives +inf; NaN or +inf in a row, or a student row all -inf, give NaN.
+    """
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    log_p_s = torch.log_softmax(student_logits.to(compute) / temperature, dim=-1)
-    log_p_t = torch.log_softmax(teacher_logits.to(compute) / temperature, dim=-1)
+    a = student_logits.to(compute) / temperature
+    b = teacher_logits.to(compute) / temperature
+    zero = torch.zeros((), dtype=compute, device=a.device)
+    # Excluded rows are zeroed before any maths, so nothing in them (NaN, inf) reaches the loss or, through
+    # autograd's 0 * NaN, the gradient.
+    excluded = (b == float("-inf")).all(-1)  # no teacher distribution to match
+    if mask is not None:
+        excluded = excluded | ~mask
+    a = torch.where(excluded.unsqueeze(-1), zero, a)
+    b = torch.where(excluded.unsqueeze(-1), zero, b)
+    log_p_s = torch.log_softmax(a, dim=-1)
+    log_p_t = torch.log_softmax(b, dim=-1)
     p_t = log_p_t.exp()
-    # Entries where p_t is exactly 0 contribute 0 (the limit of p log p), never 0 * -inf = nan.
-    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros((), dtype=compute, device=p_t.device)).sum(-1)
-    return kl * temperature**2
+    # Entries where p_t is exactly 0 contribute 0 (the limit of p log p), also against a student -inf where
+    # 0 * inf would be NaN. A NaN p_t (NaN or +inf logits) is not 0 and stays NaN.
+    kl = torch.where(p_t == 0, zero, p_t * (log_p_t - log_p_s)).sum(-1)
+    return torch.where(excluded, zero, kl) * temperature**2
 
 
 def reduce_rows(rows: torch.Tensor, mask, reduction: str):
@@ -121,7 +137,7 @@ def reduce_rows(rows: torch.Tensor, mask, reduction: str):
 
 def kd_loss(student_logits, teacher_logits, *, temperature: float = 1.0, mask=None, reduction: str = "batchmean"):
     """Temperature-scaled distillation loss; differentiable w.r.t. student_logits only."""
-    rows = kd_loss_rows(student_logits, teacher_logits.detach(), temperature)
+    rows = kd_loss_rows(student_logits, teacher_logits.detach(), temperature, mask)
     return reduce_rows(rows, mask, reduction)
 
 
@@ -135,15 +151,10 @@ def kd_loss_linear_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-def kd_loss_rows_ignoring_mask(student_logits, teacher_logits, temperature: float, mask=None):
-    """kd_loss_rows with the backend interface's signature; the mask is applied by the caller."""
-    return kd_loss_rows(student_logits, teacher_logits, temperature)
-
-
 def kd_loss_linear(student_hidden, student_weight, teacher_logits=None, *, temperature: float = 1.0,
                    student_bias=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None, mask=None,
                    reduction: str = "batchmean", chunk_size: int | None = None,
-                   kd_rows=kd_loss_rows_ignoring_mask):
+                   kd_rows=kd_loss_rows):
     """kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits), computed chunk by chunk.
 
     The teacher is teacher_logits [N, V], or teacher_hidden @ teacher_weight.T + teacher_bias (also chunked).

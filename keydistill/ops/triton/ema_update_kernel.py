@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from keydistill.ops.triton._device import device_of
+
 BLOCK_ROWS = 64  # rows of x per program in the reductions
 BLOCK_KEYS = 64  # keys per program in the EMA pass
 
@@ -22,7 +24,7 @@ BLOCK_KEYS = 64  # keys per program in the EMA pass
 def _scatter_add_kernel(x_ptr, index_ptr, counts_ptr, sums_ptr, n_rows, n_keys, dim,
                         stride_xn, stride_xh, stride_xd, stride_in, stride_ih,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)  # head * stride may pass 2^31 when x or index is head-major
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < n_rows
     dims = tl.arange(0, BLOCK_D)
@@ -117,8 +119,9 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, decay: float, eps: floa
     h, k, d = keys.shape
     if h == 0 or k == 0:
         return
-    counts, sums = _cluster_stats(x, index, k, deterministic)
-    total = cluster_size.sum(-1) * decay + (1.0 - decay) * x.shape[0]  # n_h after the update, [H]
-    _ema_kernel[(triton.cdiv(k, BLOCK_KEYS), h)](
-        keys, cluster_size, embed_sum, counts, sums, total, k, d, decay, eps,
-        BLOCK_K=BLOCK_KEYS, BLOCK_D=_block_d(d), num_warps=4)
+    with device_of(keys):
+        counts, sums = _cluster_stats(x, index, k, deterministic)
+        total = cluster_size.sum(-1) * decay + (1.0 - decay) * x.shape[0]  # n_h after the update, [H]
+        _ema_kernel[(triton.cdiv(k, BLOCK_KEYS), h)](
+            keys, cluster_size, embed_sum, counts, sums, total, k, d, decay, eps,
+            BLOCK_K=BLOCK_KEYS, BLOCK_D=_block_d(d), num_warps=4)

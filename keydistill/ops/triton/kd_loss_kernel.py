@@ -6,6 +6,10 @@ Sweep 1 streams V in chunks keeping an online max and sum of exponentials for st
 together (so both log-sum-exps come from one read of each). Sweep 2 re-reads the row (from L2 on a GPU:
 a 32k-vocabulary bf16 row pair is 128 KiB) and produces the loss terms and the gradient together. Both
 sweeps are fp32 maths whatever the input dtype; the only [N, V] buffer is the gradient.
+
+Non-finite logits follow the semantics of keydistill.ops.kd_loss: maxima start at -FLT_MAX (a -inf logit adds
+exp(-inf) = 0, never exp(-inf - -inf)); a teacher row that is all -inf (sum 0) is treated like a masked-out
+row; terms of teacher probability 0 are 0 (never 0 * inf); NaN and +inf reach the sums and make the row NaN.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import triton
 import triton.language as tl
 
 from keydistill.ops._fused_grad import scale_fused_gradient
+from keydistill.ops.triton._device import device_of
 
 # Elements of one row chunk per program: 4096 gives long coalesced reads at 64-80 registers on 8 warps.
 MAX_BLOCK_V = 4096
@@ -55,6 +60,8 @@ def _kd_loss_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, grad_ptr,
         sum_t = sum_t * tl.exp(max_t - new_t) + tl.sum(tl.exp(t - new_t[:, None]), 1)
         max_s = new_s
         max_t = new_t
+    # A teacher row that is all -inf (sum 0; a NaN sum is not 0) has no distribution: loss 0, gradient 0.
+    row_on = row_on & (sum_t != 0)
     # log p = (x - max) - log(sum), never x - (max + log(sum)): at |x| ~ 1e4 the rounded log-sum-exp would
     # be off by an ulp of 1e4 (~1e-3), i.e. a 0.1% error in every probability. Off rows (sums 0) get
     # max 0 and log-sum 0, which keeps sweep 2 finite.
@@ -63,8 +70,8 @@ def _kd_loss_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, grad_ptr,
     log_sum_s = tl.log(tl.where(row_on, sum_s, 1.0))
     log_sum_t = tl.log(tl.where(row_on, sum_t, 1.0))
 
-    # Sweep 2: loss terms p_t (log p_t - log p_s) (0 where p_t underflows, the limit of p log p) and the
-    # gradient T (p_s - p_t).
+    # Sweep 2: loss terms p_t (log p_t - log p_s) (0 where p_t is 0, the limit of p log p, also against a
+    # student -inf; a NaN p_t passes) and the gradient T (p_s - p_t).
     kl = tl.zeros((ROWS,), tl.float32)
     g_row = grad_ptr + rows64[:, None] * stride_g
     for start in range(0, n_cols, BLOCK_V):
@@ -75,7 +82,7 @@ def _kd_loss_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, grad_ptr,
         log_p_s = (s - max_s[:, None]) - log_sum_s[:, None]
         log_p_t = (t - max_t[:, None]) - log_sum_t[:, None]
         p_t = tl.exp(log_p_t)
-        kl += tl.sum(tl.where(m & (p_t > 0), p_t * (log_p_t - log_p_s), 0.0), 1)
+        kl += tl.sum(tl.where(m & (p_t != 0), p_t * (log_p_t - log_p_s), 0.0), 1)
         if COMPUTE_GRAD:
             g = tl.where(m, temperature * (tl.exp(log_p_s) - p_t), 0.0)
             tl.store(g_row + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_in[:, None] & (c < n_cols)[None, :])
@@ -102,11 +109,12 @@ def kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     if n == 0:
         return loss, grad
     rows, block_v, num_warps = _launch_shape(v)
-    _kd_loss_kernel[(triton.cdiv(n, rows),)](
-        student, teacher, mask if mask is not None else loss, loss, grad if compute_grad else loss,
-        n, v, student.stride(0), teacher.stride(0), grad.stride(0) if compute_grad else 0,
-        1.0 / temperature, temperature,
-        HAS_MASK=mask is not None, COMPUTE_GRAD=compute_grad, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps)
+    with device_of(student):
+        _kd_loss_kernel[(triton.cdiv(n, rows),)](
+            student, teacher, mask if mask is not None else loss, loss, grad if compute_grad else loss,
+            n, v, student.stride(0), teacher.stride(0), grad.stride(0) if compute_grad else 0,
+            1.0 / temperature, temperature,
+            HAS_MASK=mask is not None, COMPUTE_GRAD=compute_grad, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps)
     return loss, grad
 
 

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from keydistill.ops.triton._device import device_of
+
 MIN_DOT_K = 16  # tl.dot needs an inner dimension of at least 16: d is padded (masked) up to it
 MAX_BLOCK_D = 32  # wider d is walked in chunks of this many dimensions
 # Tiles, from ptxas reports (python -m keydistill.ops.triton.compile_check): one d chunk (d <= 32) takes
@@ -33,12 +35,13 @@ def _nearest_key_kernel(x_ptr, keys_ptr, key_sq_ptr, key_sq_max_ptr, index_ptr, 
                         DOT_PRECISION: tl.constexpr, D_CHUNKS: tl.constexpr, TIE_EPS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     head = tl.program_id(1)
+    head64 = head.to(tl.int64)  # head * stride may pass 2^31 (H*K*d elements, or a head-major x)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < n_rows
     dims = tl.arange(0, BLOCK_D)
     key_cols = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + rows.to(tl.int64)[:, None] * stride_xn + head * stride_xh
-    k_base = keys_ptr + head * stride_kh
+    x_base = x_ptr + rows.to(tl.int64)[:, None] * stride_xn + head64 * stride_xh
+    k_base = keys_ptr + head64 * stride_kh
 
     # Scores within `slack` of the minimum count as tied and go to the lowest k. The slack (2 eps of
     # |x|^2 + max |k|^2) is below the scores' own fp32 error bound, so this only makes ties robust to
@@ -61,10 +64,10 @@ def _nearest_key_kernel(x_ptr, keys_ptr, key_sq_ptr, key_sq_max_ptr, index_ptr, 
             dd = c * BLOCK_D + dims
             d_in = dd < dim
             xt = tl.load(x_base + dd[None, :] * stride_xd, mask=row_in[:, None] & d_in[None, :], other=0.0)
-            kt = tl.load(k_base + kk[:, None] * stride_kk + dd[None, :] * stride_kd,
+            kt = tl.load(k_base + kk.to(tl.int64)[:, None] * stride_kk + dd[None, :] * stride_kd,
                          mask=k_in[:, None] & d_in[None, :], other=0.0)
             dots = tl.dot(xt.to(tl.float32), tl.trans(kt.to(tl.float32)), dots, input_precision=DOT_PRECISION)
-        key_sq = tl.load(key_sq_ptr + head * n_keys + kk, mask=k_in, other=float("inf"))
+        key_sq = tl.load(key_sq_ptr + head64 * n_keys + kk, mask=k_in, other=float("inf"))
         scores = key_sq[None, :] - 2.0 * dots  # ||x - k||^2 - ||x||^2: same argmin
         tile_best = tl.min(scores, 1)
         tied = scores <= (tile_best + slack)[:, None]
@@ -103,10 +106,11 @@ def nearest_key(x: torch.Tensor, keys: torch.Tensor):
     block_n, block_k = SINGLE_CHUNK_TILE if d_chunks <= 1 else MULTI_CHUNK_TILE
     sixteen_bit = x.element_size() == 2 and keys.element_size() == 2
     grid = (triton.cdiv(n, block_n), h)
-    _nearest_key_kernel[grid](
-        x, keys, key_sq, key_sq_max, index, sqdist, n, k, d,
-        x.stride(0), x.stride(1), x.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        DOT_PRECISION="tf32" if sixteen_bit else "tf32x3", D_CHUNKS=d_chunks,
-        TIE_EPS=2 * torch.finfo(torch.float32).eps, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-        num_warps=8, num_stages=2)
+    with device_of(x):
+        _nearest_key_kernel[grid](
+            x, keys, key_sq, key_sq_max, index, sqdist, n, k, d,
+            x.stride(0), x.stride(1), x.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+            DOT_PRECISION="tf32" if sixteen_bit else "tf32x3", D_CHUNKS=d_chunks,
+            TIE_EPS=2 * torch.finfo(torch.float32).eps, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+            num_warps=8, num_stages=2)
     return index, sqdist
