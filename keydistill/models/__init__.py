@@ -21,9 +21,12 @@ __all__ = [
 
 def register_with_transformers() -> None:
     """Make AutoConfig, AutoModelForSequenceClassification and pipeline("text-classification") load
-    keydistill folders: the documented registration of a custom config and model type."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    keydistill folders: the documented registration of a custom config and model type. The BERT tokenizer
+    is registered too, as the pipelines of transformers 4.x load a tokenizer only for model types they know
+    one for (a folder's own tokenizer_config.json still decides which tokenizer loads)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
 
     for model_class in (BertWithKeyBottleneck, DistilBertWithKeyBottleneck):
         AutoConfig.register(model_class.config_class.model_type, model_class.config_class, exist_ok=True)
         AutoModelForSequenceClassification.register(model_class.config_class, model_class, exist_ok=True)
+        AutoTokenizer.register(model_class.config_class, fast_tokenizer_class=BertTokenizerFast, exist_ok=True)
