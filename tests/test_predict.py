@@ -127,6 +127,8 @@ def test_auto_model_passes_dtype_and_rejects_what_it_cannot_honour(folders):
     assert model.dtype == torch.float64
     with pytest.raises(TypeError, match="quantization_config"):
         DistilBertWithKeyBottleneck.from_pretrained(folders[1], quantization_config={"bits": 4})
+    with pytest.raises(ValueError, match="num_labels=3 was requested"):
+        AutoModelForSequenceClassification.from_pretrained(folders[1], num_labels=3)
 
 
 # ---- command line ---------------------------------------------------------------------------------------

@@ -225,9 +225,12 @@ class KeyBottleneckClassifier(PreTrainedModel):
         meta = read_checkpoint_config(folder)
         if meta["model_class"] != cls.__name__:
             raise TypeError(f"{folder} holds a {meta['model_class']}, not a {cls.__name__}; load it with that class or load_model()")
+        saved_bottleneck = BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None
         _check_matches(folder, "num_labels", num_labels, meta["num_labels"])
-        _check_matches(folder, "bottleneck", bottleneck,
-                       BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None)
+        _check_matches(folder, "bottleneck", bottleneck, saved_bottleneck)
+        if isinstance(config, KeyBottleneckConfigMixin):  # e.g. AutoModel...from_pretrained(folder, num_labels=3)
+            _check_matches(folder, "num_labels", config.num_labels, meta["num_labels"])
+            _check_matches(folder, "bottleneck", config.bottleneck_config(), saved_bottleneck)
         model = _restore(cls, folder, meta, config)
         return model.to(device=device, dtype=dtype)
 
