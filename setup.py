@@ -116,7 +116,8 @@ setup(
     packages=find_packages(include=["keydistill", "keydistill.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "transformers>=4.40", "safetensors", "tqdm", "numpy", "scipy", "scikit-learn", "matplotlib"],
-    extras_require={"triton": ["triton>=3.0"], "hub": ["datasets"], "test": ["pytest"], "bench": ["faiss-cpu"]},
+    extras_require={"triton": ["triton>=3.0"], "hub": ["datasets"], "test": ["pytest"], "bench": ["faiss-cpu"],
+                    "onnx": ["onnx", "onnxruntime"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

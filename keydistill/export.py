@@ -1,0 +1,227 @@
+"""ONNX export of a keydistill model: `python -m keydistill.export runs/sst2/student --onnx student.onnx`.
+
+The exported graph takes input_ids and attention_mask [batch, sequence] (and token_type_ids for a BERT
+teacher), both axes dynamic, and returns logits [batch, num_labels] and, with a bottleneck, key_indices
+[batch, positions, heads] (positions: 1 for cls pooling; the sequence for mean pooling, -1 at padding).
+The label names and the bottleneck settings go into the file's metadata (metadata_props).
+
+Export mode: the model's own lookup goes through keydistill.ops.nearest_key, a custom op ONNX has no
+counterpart for, and pools with data-dependent shapes. ExportableClassifier runs the same eval-mode path in
+plain tensor ops instead: the nearest key as argmin_k ||k||^2 - 2 q.k (||q||^2 is the same for every k;
+ties go to the lowest k, as in nearest_key), then the values, the mean over heads and the masked mean over
+positions. check_onnx compares the exported file in onnxruntime against the PyTorch model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from keydistill.bottleneck import DiscreteKeyBottleneck
+from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier, load_model
+
+DEFAULT_OPSET = 17
+# Sentences of varied length for the export trace (a padded batch, so that the traced graph keeps the
+# attention mask) and for the post-export check.
+SAMPLE_TEXTS = (
+    "a gripping, beautifully acted film",
+    "dull",
+    "the plot is thin , but the performances carry it through to a satisfying end .",
+    "i would not watch it again",
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "the acting , costumes , music , cinematography and sound are all astounding given the production 's "
+    "austere locales .",
+    "ok",
+)
+
+
+class ExportableClassifier(nn.Module):
+    """A classifier's eval-mode forward (encoder -> bottleneck -> head) in ops the ONNX exporter knows.
+
+    Returns (logits,) for a plain head, or (logits, key_indices [B, T, H]) with a bottleneck.
+    """
+
+    def __init__(self, model: KeyBottleneckClassifier):
+        super().__init__()
+        self.model = model.eval()
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask"]
+        return names + ["token_type_ids"] if isinstance(self.model, BertWithKeyBottleneck) else names
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits"] + (["key_indices"] if self.model.bottleneck is not None else [])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+        model = self.model
+        hidden = model._encode(input_ids, attention_mask, token_type_ids)
+        if model.bottleneck is None:
+            return (model.head(hidden[:, 0]),)
+        pooled, key_indices = exportable_lookup(model.bottleneck, hidden, attention_mask)
+        return model.head(pooled), key_indices
+
+
+def exportable_lookup(bottleneck: DiscreteKeyBottleneck, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """The bottleneck's eval-mode output with dense, exportable ops: (pooled [B, value_dim], key indices
+    [B, T, H]), T = 1 for cls pooling, else the sequence length with -1 at padding."""
+    cls_pooling = bottleneck.config.pooling == "cls"
+    tokens = hidden[:, :1] if cls_pooling else hidden
+    queries = bottleneck.project(tokens).float()  # [B, T, H, d]
+    keys = bottleneck.keys  # [H, K, d]
+    scores = keys.pow(2).sum(-1) - 2 * torch.einsum("bthd,hkd->bthk", queries, keys)
+    index = scores.argmin(-1)  # [B, T, H]
+    heads = torch.arange(keys.shape[0], device=index.device)
+    values = bottleneck.values[heads, index].mean(-2)  # [B, T, value_dim]: the mean over heads
+    if cls_pooling:
+        return values[:, 0], index
+    kept = attention_mask.unsqueeze(-1).to(values.dtype)  # [B, T, 1]
+    pooled = (values * kept).sum(1) / kept.sum(1).clamp_min(1)
+    return pooled, index.masked_fill(kept == 0, -1)
+
+
+def sample_batch(model: KeyBottleneckClassifier, tokenizer=None, texts: Sequence[str] = SAMPLE_TEXTS) -> dict:
+    """A padded batch of `texts` (random token ids of the same lengths when there is no tokenizer)."""
+    if tokenizer is not None:
+        batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+    else:
+        generator = torch.Generator().manual_seed(0)
+        lengths = torch.tensor([min(len(t.split()) + 2, model.config.max_position_embeddings) for t in texts])
+        width = int(lengths.max())
+        mask = (torch.arange(width) < lengths.unsqueeze(1)).long()
+        ids = torch.randint(1, model.config.vocab_size, (len(texts), width), generator=generator) * mask
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return {name: batch[name] for name in ExportableClassifier(model).input_names}
+
+
+def export_onnx(model: KeyBottleneckClassifier, path: str | os.PathLike, *, tokenizer=None,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Write `model` as an ONNX file with dynamic batch and sequence axes; returns the path. The export
+    traces a float32 copy on the CPU when the model lives elsewhere."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        model = copy.deepcopy(model).cpu().float()
+    wrapper = ExportableClassifier(model)
+    inputs = sample_batch(model, tokenizer)
+    if bool(inputs["attention_mask"].all()):
+        raise ValueError("the export trace needs a padded batch (texts of different lengths)")
+    axes = {name: {0: "batch", 1: "sequence"} for name in wrapper.input_names}
+    axes["logits"] = {0: "batch"}
+    if "key_indices" in wrapper.output_names:
+        axes["key_indices"] = {0: "batch", 1: "positions"}
+    options = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # the tracer's notes on Python-side shape arithmetic of transformers
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=wrapper.input_names,
+                              output_names=wrapper.output_names, dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True, **options)
+    _add_metadata(path, model)
+    return path
+
+
+def _add_metadata(path: Path, model: KeyBottleneckClassifier) -> None:
+    import onnx
+
+    graph = onnx.load(str(path))
+    bottleneck = model.bottleneck.config.to_dict() if model.bottleneck is not None else None
+    meta = {"model_class": type(model).__name__, "id2label": json.dumps(dict(enumerate(model.label_names))),
+            "problem_type": model.config.problem_type, "bottleneck": json.dumps(bottleneck)}
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(path))
+
+
+def check_onnx(model: KeyBottleneckClassifier, path: str | os.PathLike, batches: Sequence[dict],
+               threads: int | None = None) -> dict:
+    """Run the ONNX file in onnxruntime on `batches` (dicts of int64 tensors) and compare with PyTorch.
+
+    Returns max_abs_diff (logits), labels_equal (argmax, or all for regression), keys_equal and examples.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    wanted = [i.name for i in session.get_inputs()]
+    worst, labels_equal, keys_equal, examples = 0.0, True, True, 0
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        model = copy.deepcopy(model).cpu().float()
+    model.eval()
+    for batch in batches:
+        outputs = session.run(None, {name: batch[name].numpy() for name in wanted})
+        with torch.no_grad():
+            reference = model(**{k: v for k, v in batch.items() if k in wanted})
+        logits = torch.from_numpy(outputs[0])
+        worst = max(worst, float((logits - reference.logits).abs().max()))
+        if model.num_labels > 1:
+            labels_equal &= bool(torch.equal(logits.argmax(-1), reference.logits.argmax(-1)))
+        if model.bottleneck is not None:
+            exported = torch.from_numpy(outputs[1])
+            keys_equal &= bool(torch.equal(exported[exported >= 0].view(-1, exported.shape[-1]), reference.key_indices))
+        examples += len(logits)
+    return {"max_abs_diff": worst, "labels_equal": labels_equal, "keys_equal": keys_equal, "examples": examples}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m keydistill.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
+    parser.add_argument("--onnx", required=True, help="the ONNX file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    parser.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime against PyTorch")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = load_model(args.model)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load the model {args.model}: {e}", file=sys.stderr)
+        return 2
+    tokenizer = _tokenizer(args.model)
+    path = export_onnx(model, args.onnx, tokenizer=tokenizer, opset=args.opset)
+    wrapper = ExportableClassifier(model)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): inputs {', '.join(wrapper.input_names)} "
+          f"[batch, sequence]; outputs {', '.join(wrapper.output_names)}; labels {list(model.label_names)}")
+    if args.no_check:
+        return 0
+    texts = SAMPLE_TEXTS
+    batches = [sample_batch(model, tokenizer, texts), sample_batch(model, tokenizer, texts[:1]),
+               sample_batch(model, tokenizer, texts[2:5])]  # other batch sizes and lengths than the trace's
+    result = check_onnx(model, path, batches)
+    print(f"onnxruntime vs PyTorch on {result['examples']} examples: max |logit diff| {result['max_abs_diff']:.2e}, "
+          f"labels {'equal' if result['labels_equal'] else 'DIFFER'}, keys {'equal' if result['keys_equal'] else 'DIFFER'}")
+    ok = result["max_abs_diff"] <= 1e-4 and result["labels_equal"]
+    if not ok:
+        print("error: the exported model does not match PyTorch", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _tokenizer(folder: str):
+    """The folder's tokenizer, or None (the export then traces random token ids)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        print(f"note: no tokenizer in {folder}; tracing and checking with random token ids", file=sys.stderr)
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

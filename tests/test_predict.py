@@ -1,0 +1,218 @@
+"""Predictor, the `python -m keydistill.predict` command line, and transformers' Auto classes / pipeline."""
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+import keydistill  # noqa: F401 -- registers the model types with transformers
+from keydistill.data import get_task
+from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model
+from keydistill.predict import Predictor, main
+from tiny_models import REPO, SENTENCES, write_folders
+
+PAIRS = [("good movie", "great film"), ("boring plot", "superb acting , fine plot")]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny SST-2-like teacher and student folders (cls pooling), named labels."""
+    return write_folders(tmp_path_factory.mktemp("sst2"))
+
+
+@pytest.fixture(scope="module")
+def regression_folders(tmp_path_factory):
+    """An STS-B-like pair (regression, mean pooling)."""
+    return write_folders(tmp_path_factory.mktemp("stsb"), num_labels=1, label_names=(), pooling="mean", seed=1)
+
+
+def one_by_one(folder, texts):
+    """Logits of each input alone, by hand: the reference for batched, sorted, padded prediction."""
+    model, tokenizer = load_model(folder), AutoTokenizer.from_pretrained(folder)
+    rows = []
+    for text in texts:
+        batch = tokenizer(*([text] if isinstance(text, str) else text), return_tensors="pt")
+        with torch.no_grad():
+            rows.append(model(**batch))
+    return rows
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_predictions_follow_input_order_with_names_probabilities_and_keys(folders, which):
+    folder = folders[which]
+    inputs = SENTENCES + PAIRS  # singles and pairs mixed, lengths shuffled
+    predictions = Predictor.from_pretrained(folder, device="cpu").predict(inputs, batch_size=3, return_key_indices=True)
+    assert len(predictions) == len(inputs)
+    for prediction, reference in zip(predictions, one_by_one(folder, inputs)):
+        probs = reference.logits.softmax(-1)[0]
+        assert prediction.label_id == int(probs.argmax())
+        assert prediction.label == ("negative", "positive")[prediction.label_id]
+        assert prediction.score == pytest.approx(float(probs.max()), abs=1e-5)
+        assert prediction.key_indices == reference.key_indices.tolist()  # [1 position][4 heads]
+    assert len({p.label for p in predictions}) == 2  # the tiny models do tell inputs apart
+    assert len({tuple(p.key_indices[0]) for p in predictions}) >= 2
+
+
+def test_regression_returns_the_score_and_mean_pooling_keys_per_token(regression_folders):
+    student = regression_folders[1]
+    predictor = Predictor.from_pretrained(student, device="cpu")
+    assert predictor.model.is_regression and predictor.model.label_names == ("LABEL_0",)
+    predictions = predictor.predict(PAIRS + ["fun"], batch_size=2, return_key_indices=True)
+    for prediction, reference in zip(predictions, one_by_one(student, PAIRS + ["fun"])):
+        assert prediction.label is None and prediction.label_id is None
+        assert prediction.score == pytest.approx(float(reference.logits[0, 0]), abs=1e-5)
+        assert prediction.key_indices == reference.key_indices.tolist()  # one row of heads per token
+        assert len(prediction.key_indices) == int(reference.positions.sum())
+
+
+def test_predict_rejects_what_is_not_text(folders):
+    predictor = Predictor.from_pretrained(folders[1], device="cpu")
+    assert [p.label for p in predictor.predict("good movie")] == [predictor.predict(["good movie"])[0].label]
+    with pytest.raises(TypeError, match="input 1"):
+        predictor.predict(["good", ("a", "b", "c")])
+    with pytest.raises(TypeError, match="input 0"):
+        predictor.predict([3])
+
+
+# ---- label names travel with the folders ----------------------------------------------------------------
+
+def test_saved_folders_carry_label_names(folders, regression_folders):
+    for folder in folders:
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["id2label"] == {"0": "negative", "1": "positive"} and saved["label2id"] == {"negative": 0, "positive": 1}
+        assert saved["problem_type"] == "single_label_classification"
+        assert load_model(folder).label_names == ("negative", "positive")
+    saved = json.loads((regression_folders[1] / "config.json").read_text())
+    assert saved["problem_type"] == "regression" and saved["id2label"] == {"0": "LABEL_0"}
+    assert get_task("sst2").label_names == ("negative", "positive") and get_task("stsb").label_names == ()
+    assert get_task("mnli").label_names == ("entailment", "neutral", "contradiction")
+
+
+# ---- transformers: Auto classes and pipeline ------------------------------------------------------------
+
+@pytest.mark.parametrize("which, cls", [(0, BertWithKeyBottleneck), (1, DistilBertWithKeyBottleneck)])
+def test_auto_classes_and_pipeline_match_the_python_api(folders, which, cls):
+    folder = folders[which]
+    assert type(AutoConfig.from_pretrained(folder)) is cls.config_class
+    auto = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert type(auto) is cls and not auto.training
+    model = load_model(folder)
+    for (name, a), (_, b) in zip(auto.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    classify = pipeline("text-classification", model=str(folder), device="cpu")
+    expected = Predictor.from_pretrained(folder, device="cpu").predict(SENTENCES)
+    got = classify(SENTENCES)
+    assert [g["label"] for g in got] == [e.label for e in expected]
+    assert [g["score"] for g in got] == pytest.approx([e.score for e in expected], abs=1e-5)
+
+
+def test_pipeline_on_a_regression_student_returns_the_raw_score(regression_folders):
+    folder = regression_folders[1]
+    # The config says problem_type="regression", which transformers 5 pipelines honour; older ones apply a
+    # sigmoid to a single output unless told function_to_apply="none".
+    classify = pipeline("text-classification", model=str(folder), device="cpu")
+    expected = [p.score for p in Predictor.from_pretrained(folder, device="cpu").predict(["fun", "good movie"])]
+    got = classify(["fun", "good movie"], function_to_apply="none")
+    assert [g["score"] for g in got] == pytest.approx(expected, abs=1e-5)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert [g["score"] for g in classify(["fun", "good movie"])] == pytest.approx(expected, abs=1e-5)
+
+
+def test_auto_model_passes_dtype_and_rejects_what_it_cannot_honour(folders):
+    model = AutoModelForSequenceClassification.from_pretrained(folders[1], dtype=torch.float64)
+    assert model.dtype == torch.float64
+    with pytest.raises(TypeError, match="quantization_config"):
+        DistilBertWithKeyBottleneck.from_pretrained(folders[1], quantization_config={"bits": 4})
+    with pytest.raises(ValueError, match="num_labels=3 was requested"):
+        AutoModelForSequenceClassification.from_pretrained(folders[1], num_labels=3)
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+def run_cli(capsys, monkeypatch, *args, stdin: bytes | None = None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_plain_lines_from_stdin(folders, capsys, monkeypatch):
+    text = "\n".join(SENTENCES[:3] + ["\t".join(PAIRS[0])]) + "\n"
+    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--keys", "--batch-size", "2", stdin=text.encode())
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert lines[0] == ["line", "label", "score", "key_indices"]
+    expected = Predictor.from_pretrained(folders[1], device="cpu").predict(SENTENCES[:3] + [PAIRS[0]], return_key_indices=True)
+    assert [row[0] for row in lines[1:]] == ["1", "2", "3", "4"]
+    assert [row[1] for row in lines[1:]] == [p.label for p in expected]
+    assert [float(row[2]) for row in lines[1:]] == pytest.approx([p.score for p in expected], abs=1e-6)
+    assert [row[3] for row in lines[1:]] == [",".join(map(str, p.key_indices[0])) for p in expected]
+
+
+def test_cli_reports_every_bad_line_and_writes_nothing(folders, tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good movie\n\nfun\ta\tb\nfine\t \n\xff\xfe bytes\nnice\n")
+    out_file = tmp_path / "out.tsv"
+    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", bad, "--output", out_file)
+    assert code == 2 and not out_file.exists() and out == ""
+    assert err.startswith("error: ")
+    assert f"{bad}:2: empty text" in err and f"{bad}:3: expected one text or two tab-separated texts, found 3 fields" in err
+    assert f"{bad}:4: empty text" in err and f"{bad}:5:1: undecodable bytes" in err
+    assert f"{bad}:1" not in err and f"{bad}:6" not in err
+    code, _, err = run_cli(capsys, monkeypatch, folders[1], stdin=b"")
+    assert code == 2 and "<stdin>: no input lines" in err
+    code, _, err = run_cli(capsys, monkeypatch, tmp_path / "missing", "--input", bad, "--format", "plain")
+    assert code == 2 and "error:" in err
+
+
+def test_cli_reads_a_glue_file_by_its_task_columns(folders, tmp_path, capsys, monkeypatch):
+    dev = tmp_path / "dev.tsv"  # SST-2's layout: a header, the sentence, then the label
+    dev.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES)))
+    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", dev)
+    assert code == 0, err
+    assert "as a GLUE sst2 file" in err and f"sst2 on {len(SENTENCES)} labelled rows: accuracy=" in err
+    rows = [line.split("\t") for line in out.splitlines()[1:]]
+    expected = Predictor.from_pretrained(folders[1], device="cpu").predict(SENTENCES)
+    assert [r[0] for r in rows] == [str(i + 2) for i in range(len(SENTENCES))]  # file lines, after the header
+    assert [r[1] for r in rows] == [p.label for p in expected]
+    # a bad row of a GLUE file names its line; the label is not needed, a missing text column is
+    dev.write_text("sentence\tlabel\ngood movie\t1\nfun\n")
+    code, _, err = run_cli(capsys, monkeypatch, folders[1], "--input", dev)
+    assert code == 2 and f"{dev}:3:1: expected 2 tab-separated fields" in err
+    unlabelled = tmp_path / "test.tsv"  # GLUE test files: index and sentence, no label
+    unlabelled.write_text("index\tsentence\n0\tgood movie\n1\tboring plot\n")
+    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", unlabelled)
+    assert code == 0 and len(out.splitlines()) == 3 and "labelled rows" not in err
+    code, out, _ = run_cli(capsys, monkeypatch, folders[1], "--input", unlabelled, "--format", "plain")
+    assert code == 0 and len(out.splitlines()) == 4  # plain: the header line is a pair like any other
+
+
+def test_cli_headerless_cola_with_task_flag(folders, tmp_path, capsys, monkeypatch):
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("".join(f"src\t{i % 2}\t*\t{s}\n" for i, s in enumerate(SENTENCES[:4])))
+    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", cola, "--task", "cola")
+    assert code == 0, err
+    assert [line.split("\t")[0] for line in out.splitlines()[1:]] == ["1", "2", "3", "4"]
+    assert "cola on 4 labelled rows: mcc=" in err
+    code, _, err = run_cli(capsys, monkeypatch, folders[1], "--input", cola)  # without --task: 4 fields a line
+    assert code == 2 and f"{cola}:1: expected one text or two tab-separated texts, found 4 fields" in err
+
+
+def test_cli_regression_output_has_scores_only(regression_folders, capsys, monkeypatch):
+    code, out, err = run_cli(capsys, monkeypatch, regression_folders[1], stdin=b"good movie\tgreat film\nfun\n")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "line\tscore" and len(lines) == 3
+
+
+def test_python_dash_m_entry_point(folders, tmp_path):
+    out = tmp_path / "predictions.tsv"
+    done = subprocess.run([sys.executable, "-m", "keydistill.predict", str(folders[1]), "--output", str(out)],
+                          input="good movie\nboring plot\n", capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines()[0] == "line\tlabel\tscore" and len(out.read_text().splitlines()) == 3
