@@ -249,6 +249,8 @@ def check_kd(backend, student, teacher, temperature, mask, reduction, grad_dtype
     # (that dtype's eps at the largest entry) away from the correctly rounded value.
     grad_scale = s64.grad.abs().max().item()
     ulp = torch.finfo(grad_dtype).eps * grad_scale if grad_dtype != torch.float32 else 0.0
+    if backend == "triton" and student.device.type == "cpu":
+        ulp *= 2  # Triton's CPU interpreter truncates fp32 -> bf16/fp16 stores (a GPU rounds to nearest even)
     atol = ulp + 8 * EPS32 * temperature * weights.max().item()
     assert_within_torch_error(s.grad, s64.grad, s32.grad, atol=atol)
     if mask is not None:

@@ -50,6 +50,7 @@ def test_end_to_end_outputs(sst2_run, capsys):
     teacher, student = load_model(out / "teacher"), load_model(out / "student")
     assert isinstance(teacher, BertWithKeyBottleneck) and teacher.config.num_hidden_layers == 4
     assert isinstance(student, DistilBertWithKeyBottleneck) and student.config.n_layers == 2
+    assert tuple(teacher.label_names) == tuple(student.label_names) == ("negative", "positive")
     # Carried keys stay the teacher's (student_ema is off); the student's encoder moved toward them.
     assert torch.equal(student.bottleneck.keys, teacher.bottleneck.keys)
     fresh_student = student_from_teacher(teacher, TrainConfig().layers(4))

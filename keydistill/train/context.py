@@ -76,6 +76,7 @@ def setup(cfg: TrainConfig) -> Run:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the tokenizer {tokenizer_source!r}: {e}") from None
+    tokenizer.model_max_length = cfg.max_length  # saved with the models: predictions truncate as training did
 
     def dataset(examples):
         return CustomDataset(examples, tokenizer, cfg.max_length, regression=task.is_regression)
@@ -120,7 +121,7 @@ def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
         return bottleneck, cfg.tokenizer or cfg.teacher
     folder = Path(cfg.teacher_checkpoint)
     if not is_checkpoint(folder):
-        raise ConfigError(f"--teacher-checkpoint {folder}: not a keydistill model folder (no keydistill_config.json)")
+        raise ConfigError(f"--teacher-checkpoint {folder}: not a keydistill model folder (written by save_pretrained)")
     meta = read_checkpoint_config(folder)
     if meta["model_class"] != "BertWithKeyBottleneck" or meta["bottleneck"] is None:
         raise ConfigError(f"--teacher-checkpoint {folder}: holds a {meta['model_class']}"

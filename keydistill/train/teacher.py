@@ -52,6 +52,7 @@ def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
 def save_model(run, model, folder) -> None:
     """A loadable model folder: weights, config with the task's label names, tokenizer (written by rank 0)."""
     if run.ranks.main:
+        model.set_label_names(run.task.label_names)  # predictions name the task's classes (none for regression)
         model.save_pretrained(folder)
         run.tokenizer.save_pretrained(folder)
 
