@@ -7,13 +7,13 @@ tokens selects at most 32,768 rows. Here the gradient is a sparse COO tensor of 
 sparse dimensions (head, key) and the value dimension dense: coalesced (each selected row once, sorted),
 so keydistill.optim.LazyAdamW updates exactly those rows.
 
-Both lookups are one weighted row sum, out[b] = sum over lookups l of bag b of weight_l * table[row_l] with
-the table viewed as [H*K, V], which torch's embedding_bag computes without materialising the per-lookup
-rows; its transpose (the gradient) is again an embedding_bag, over the lookups sorted by row.
+Both lookups are one mean per bag of lookups, out[b] = mean over the lookups l of bag b of table[row_l], with
+the table viewed as [H*K, V]; torch's embedding_bag computes it without materialising the per-lookup rows,
+and its transpose (the gradient) is again an embedding_bag, over the lookups sorted by row.
 - pooled_values: the bottleneck's whole hard-lookup path, the mean over heads and then over a row's kept
-  positions, as one weighted sum per batch row ([B, V]; a row without kept positions gives 0).
-- head_values: the per-(position, head) rows [N, H, V], for the straight-through path that adds a soft
-  term per head.
+  positions, as one mean per batch row over its positions' H lookups ([B, V]; no kept position gives 0).
+- head_values: the per-(position, head) rows [N, H, V] (bags of one lookup), for the straight-through path
+  that adds a soft term per head.
 """
 from __future__ import annotations
 
@@ -21,38 +21,36 @@ import torch
 import torch.nn.functional as F
 
 
-class _WeightedRowSum(torch.autograd.Function):
-    """out [B, V] = per bag b, sum of weights[l] * table[rows[l]] over the lookups l of bag b.
+class _BagMean(torch.autograd.Function):
+    """out [B, V] = per bag b, the mean of table[rows[l]] over the lookups l of bag b (0 for an empty bag).
 
-    table: [H, K, V] (read as [H*K, V]); rows: int64 [L] into H*K; offsets: int64 [B], the first lookup of
-    each bag (lookups are grouped by bag, bags in order; an empty bag repeats the next offset); weights [L].
-    The gradient w.r.t. table is a coalesced sparse COO tensor with sparse dims (head, key)."""
+    table: [H, K, V] (read as [H*K, V]); rows: int64 [L] into H*K; offsets: int64 [B], the first lookup of each
+    bag (lookups grouped by bag, bags in order; an empty bag repeats the next offset). The gradient w.r.t.
+    table is a sparse COO tensor with sparse dims (head, key), each selected row once, in order."""
 
     @staticmethod
-    def forward(ctx, table, rows, offsets, weights):
+    def forward(ctx, table, rows, offsets):
         h, k, v = table.shape
-        ctx.save_for_backward(rows, offsets, weights)
+        ctx.save_for_backward(rows, offsets)
         ctx.table_shape, ctx.table_dtype = (h, k, v), table.dtype
-        return F.embedding_bag(rows, table.reshape(h * k, v), offsets, mode="sum",
-                               per_sample_weights=weights.to(table.dtype))
+        return F.embedding_bag(rows, table.reshape(h * k, v), offsets, mode="mean")
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, offsets, weights = ctx.saved_tensors
+        rows, offsets = ctx.saved_tensors
         h, k, v = ctx.table_shape
-        lookups = rows.numel()
-        # Each lookup's bag, then the lookups regrouped by table row: the transposed weighted sum.
-        bag_sizes = torch.diff(offsets, append=offsets.new_tensor([lookups]))
-        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=rows.device), bag_sizes)
+        # Each lookup's share of its bag's gradient, regrouped by table row: the transposed mean.
+        sizes = torch.diff(offsets, append=offsets.new_tensor([rows.numel()]))
+        share = grad_out / sizes.clamp_min(1).unsqueeze(1).to(grad_out.dtype)
+        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=rows.device), sizes)
         sorted_rows, order = torch.sort(rows, stable=True)
         unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        grad_rows = F.embedding_bag(bags[order], grad_out.contiguous(), starts, mode="sum",
-                                    per_sample_weights=weights[order].to(grad_out.dtype))
+        grad_rows = F.embedding_bag(bags[order], share.contiguous(), starts, mode="sum")
         indices = torch.stack([torch.div(unique_rows, k, rounding_mode="floor"), unique_rows % k])
         grad = torch.sparse_coo_tensor(indices, grad_rows.to(ctx.table_dtype), (h, k, v), is_coalesced=True,
                                        check_invariants=False)
-        return grad, None, None, None
+        return grad, None, None
 
 
 def _flat_rows(index: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -66,18 +64,15 @@ def pooled_values(values: torch.Tensor, index: torch.Tensor, positions: torch.Te
 
     values [H, K, V]; index [N, H], the chosen key per (position, head), positions in positions.nonzero()
     order (row by row); positions [B, T] bool. Equals `_mean_per_row(values[heads, index].mean(1), positions)`
-    up to float summation order; the gradient w.r.t. values is row-sparse (see module doc)."""
-    num_heads, num_keys = values.shape[:2]
+    (every position of a row has H lookups, so the mean of head means is the mean of the row's lookups) up to
+    float summation order; the gradient w.r.t. values is row-sparse (see module doc)."""
     per_row = positions.sum(1)  # kept positions per batch row
-    offsets = (torch.cumsum(per_row, 0) - per_row) * num_heads
-    weights = (1.0 / (num_heads * per_row.clamp_min(1)).to(values.dtype)).repeat_interleave(per_row * num_heads)
-    return _WeightedRowSum.apply(values, _flat_rows(index, num_keys), offsets, weights)
+    offsets = (torch.cumsum(per_row, 0) - per_row) * values.shape[0]
+    return _BagMean.apply(values, _flat_rows(index, values.shape[1]), offsets)
 
 
 def head_values(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """values[heads, index]: [N, H, V], each (position, head)'s selected row, with a row-sparse gradient."""
     n, num_heads = index.shape
-    lookups = n * num_heads
-    offsets = torch.arange(lookups, device=index.device)
-    weights = torch.ones(lookups, dtype=values.dtype, device=values.device)
-    return _WeightedRowSum.apply(values, _flat_rows(index, values.shape[1]), offsets, weights).view(n, num_heads, -1)
+    offsets = torch.arange(n * num_heads, device=index.device)
+    return _BagMean.apply(values, _flat_rows(index, values.shape[1]), offsets).view(n, num_heads, -1)
