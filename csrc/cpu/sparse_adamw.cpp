@@ -22,6 +22,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "checks.h"
 #include "cpu/simd.h"
 
 namespace keydistill::cpu {
@@ -120,20 +121,14 @@ void update_rows(const at::Tensor& param, const at::Tensor& exp_avg, const at::T
 void sparse_adamw_cpu(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                       const at::Tensor& rows, const at::Tensor& grad, double lr, double beta1, double beta2, double eps,
                       double weight_decay, double step, bool maximize) {
-  TORCH_CHECK(param.dim() == 2 && grad.dim() == 2 && rows.dim() == 1, "sparse_adamw_: expected param [R,D], grad [U,D], rows [U]");
-  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(),
-              "sparse_adamw_: exp_avg and exp_avg_sq must have param's shape");
-  TORCH_CHECK(grad.size(0) == rows.size(0) && grad.size(1) == param.size(1), "sparse_adamw_: grad must be [rows, D]");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "sparse_adamw_: rows must be contiguous int64");
-  for (const at::Tensor* t : {&param, &exp_avg, &exp_avg_sq, &grad})
-    TORCH_CHECK(t->scalar_type() == param.scalar_type() && t->is_contiguous(),
-                "sparse_adamw_: param, exp_avg, exp_avg_sq and grad must be contiguous and of one dtype");
+  checks::sparse_adamw_args(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step);
   // Validate every row before touching any: a bad index must not leave a half-applied step behind.
   const int64_t* rp = rows.const_data_ptr<int64_t>();
   const int64_t num_selected = rows.size(0), num_rows = param.size(0);
   for (int64_t i = 0; i < num_selected; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < num_rows && (i == 0 || rp[i] > rp[i - 1]),
-                "sparse_adamw_: rows must be strictly increasing values in [0, R=", num_rows, "), got ", rp[i], " at ", i);
+                "keydistill::sparse_adamw_: rows must be strictly increasing values in [0, R=", num_rows, "), got ", rp[i],
+                " at ", i);
   const AdamWScalars scalars{lr, beta1, beta2, eps, weight_decay, step, maximize};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sparse_adamw_", [&] {
     update_rows<scalar_t>(param, exp_avg, exp_avg_sq, rp, num_selected, grad, scalars);
