@@ -45,7 +45,7 @@ from keydistill.train.features import forward
 from keydistill.train.loop import param_groups
 
 CPU = DEVICE.type == "cpu"
-BATCH, TOKENS, LAYERS, REPEATS = 32, 32, [1, 3, 5], 5
+BATCH, TOKENS, LAYERS, REPEATS = 32, 32, [1, 3, 5], 7
 MiB = 2**20
 KD, REF, PROTO = "keydistill", "torch reference ops", "prototype (cdist, one-hot EMA, eager KL)"
 

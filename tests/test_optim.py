@@ -171,11 +171,13 @@ def test_lazy_adamw_coalesces_accumulated_micro_batches(seed):
     assert torch.equal(a.detach(), b.detach())
 
 
-def test_a_parameter_may_switch_between_sparse_and_dense_gradients(seed):
-    """Soft assignment gives the values a dense gradient, the hard lookup a sparse one: one shared state."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_parameter_may_switch_between_sparse_and_dense_gradients(fused, seed):
+    """Soft assignment gives the values a dense gradient, the hard lookup a sparse one: one shared state (also
+    with torch's fused kernel for the dense steps, which keeps the step count on the parameter's device)."""
     table0 = torch.randn(H, K, V, dtype=torch.float64)
     lazy, dense = torch.nn.Parameter(table0.clone()), torch.nn.Parameter(table0.clone())
-    opt_lazy, opt_dense = LazyAdamW([lazy], **HYPER), torch.optim.AdamW([dense], **HYPER)
+    opt_lazy, opt_dense = LazyAdamW([lazy], **HYPER, fused=fused), torch.optim.AdamW([dense], **HYPER)
     for step in range(4):
         g = torch.randn(H, K, V, dtype=torch.float64)
         lazy.grad = sparse_grad(g, torch.arange(H * K)) if step % 2 else g.clone()  # every row: same as dense
@@ -184,6 +186,20 @@ def test_a_parameter_may_switch_between_sparse_and_dense_gradients(seed):
         opt_dense.step()
     torch.testing.assert_close(lazy.detach(), dense.detach(), rtol=1e-12, atol=1e-12)
     assert set(opt_lazy.state[lazy]) == set(opt_dense.state[dense]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_make_optimizer_takes_the_fused_dense_kernel_where_torch_has_one(seed):
+    weight0 = torch.randn(7, 5)
+    ours, theirs = torch.nn.Parameter(weight0.clone()), torch.nn.Parameter(weight0.clone())
+    opt = make_optimizer([{"params": [ours], "weight_decay": 0.1}], lr=0.01)
+    reference = torch.optim.AdamW([{"params": [theirs], "weight_decay": 0.1}], lr=0.01)
+    assert opt.param_groups[0]["fused"]
+    for _ in range(3):
+        g = torch.randn(7, 5)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
 def test_step_hooks_run_once():
