@@ -1,13 +1,16 @@
 """End-to-end training steps at the scale of the DKVB papers (issue 14), three ways, in one run.
 
-Run: `python -m pytest benchmarks/ -s -k e2e`. Shape: the packaged MiniLM teacher (6 layers, width 384), its
+Run: `python -m pytest benchmarks/ -s -k e2e` (about 3 minutes on 2 idle cores). On a machine shared with other
+busy processes, add OMP_NUM_THREADS=1: two threads per process then wait on each other's descheduled partner
+in every parallel region (measured here: the student step 5x slower than with one thread), which compresses
+every ratio toward 1. Shape: the packaged MiniLM teacher (6 layers, width 384), its
 3-layer student (layers 1,3,5, keydistill.models.student_from_teacher), the dkvb-nlp bottleneck (32 heads x
 4096 keys x key_dim 12, every token looked up, mean pooling after the lookup), a batch of 32 x 32 tokens
 (1,024 tokens, 32,768 lookups).
 
 Providers, all on the same weights and batch, timed in interleaved rounds (benchmarks/conftest.py):
 - keydistill: the library as the training job runs it: automatic op backends (cpp on a CPU), row-sparse value
-  gradients (sparse_values) and keydistill.optim.make_optimizer.
+  gradients (sparse_values), keydistill.optim.make_optimizer and clip_grad_norm_.
 - torch reference ops: the same code, every keydistill op forced to its torch backend (keydistill.ops.reference).
 - prototype: the formulation the library replaced: torch.cdist + argmin lookup, the EMA by a one-hot [N, H, K]
   and einsums over sums, eager F.kl_div, the dense value lookup and torch.optim.AdamW.

@@ -7,7 +7,8 @@ whose state_dict() is AdamW's (per parameter: step, exp_avg, exp_avg_sq), so che
 (keydistill.checkpoint) and AdamW checkpoints load into each other.
 
 Semantics against dense AdamW (tested in tests/test_optim.py):
-- Dense gradients: torch.optim.AdamW, the same code.
+- Dense gradients: torch.optim.AdamW, the same code (make_optimizer picks torch's fused kernel for them where
+  torch has one: the same update, up to rounding).
 - Row-sparse gradients, lazily, as torch.optim.SparseAdam and TensorFlow's LazyAdam do it: a row that has a
   gradient this step gets AdamW's update (decoupled weight decay, both moments, bias correction by the
   parameter's step count, which counts the steps in which the parameter had any gradient); a row without one
