@@ -29,7 +29,6 @@ peak extra memory O(N*H) (its outputs), never O(N*K) (a distance matrix).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 
 import pytest
@@ -43,7 +42,7 @@ from keydistill.losses import DistillationWeights, distillation_loss, sentence_f
 from keydistill.models import BertWithKeyBottleneck, student_from_teacher
 from keydistill.ops import _backends, reference
 from keydistill.optim import clip_grad_norm_, make_optimizer
-from keydistill.train.config import BOTTLENECK_PRESETS, TrainConfig, packaged_minilm
+from keydistill.train.config import TrainConfig, packaged_minilm
 from keydistill.train.features import forward
 from keydistill.train.loop import param_groups
 
