@@ -130,6 +130,37 @@ inline void kd_loss_fwd_args(const at::Tensor& student, const at::Tensor& teache
   at_most(op, "V", student.size(1), kInt32Max);
 }
 
+// param, exp_avg, exp_avg_sq [R, D] (updated in place: contiguous) and grad [U, D] (contiguous), one floating
+// dtype; rows int64 [U] contiguous (its values, strictly increasing in [0, R), are checked by the kernel before
+// it writes anything); lr, eps, weight_decay finite >= 0, betas in [0, 1), step finite >= 1.
+inline void sparse_adamw_args(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                              const at::Tensor& rows, const at::Tensor& grad, double lr, double beta1, double beta2,
+                              double eps, double weight_decay, double step) {
+  constexpr const char* op = "sparse_adamw_";
+  dims(op, "param", param, 2, "[R, D]");
+  dims(op, "grad", grad, 2, "[U, D]");
+  dims(op, "rows", rows, 1, "[U]");
+  same_device(op, {{"param", &param}, {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"rows", &rows}, {"grad", &grad}});
+  TORCH_CHECK(exp_avg.sizes() == param.sizes() && exp_avg_sq.sizes() == param.sizes(), "keydistill::", op,
+              ": exp_avg ", exp_avg.sizes(), " and exp_avg_sq ", exp_avg_sq.sizes(), " must have param's shape ", param.sizes());
+  TORCH_CHECK(grad.size(0) == rows.size(0) && grad.size(1) == param.size(1), "keydistill::", op, ": grad ",
+              grad.sizes(), " must be [rows (", rows.size(0), "), D (", param.size(1), ")]");
+  TORCH_CHECK(at::isFloatingType(param.scalar_type()), "keydistill::", op, ": param must be floating point, got ",
+              param.scalar_type());
+  for (const Named& t : {Named{"param", &param}, Named{"exp_avg", &exp_avg}, Named{"exp_avg_sq", &exp_avg_sq}, Named{"grad", &grad}}) {
+    TORCH_CHECK(t.tensor->scalar_type() == param.scalar_type(), "keydistill::", op, ": ", t.name,
+                " must have param's dtype (", param.scalar_type(), "), got ", t.tensor->scalar_type());
+    TORCH_CHECK(t.tensor->is_contiguous(), "keydistill::", op, ": ", t.name, " must be contiguous");
+  }
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "keydistill::", op,
+              ": rows must be contiguous int64, got ", rows.scalar_type());
+  for (double value : {lr, eps, weight_decay})
+    TORCH_CHECK(std::isfinite(value) && value >= 0.0, "keydistill::", op, ": lr, eps and weight_decay must be finite and >= 0, got ", value);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0, "keydistill::", op,
+              ": betas must be in [0, 1), got ", beta1, ", ", beta2);
+  TORCH_CHECK(std::isfinite(step) && step >= 1.0, "keydistill::", op, ": step must be finite and >= 1, got ", step);
+}
+
 }  // namespace keydistill::checks
 
 // An index value k read by a kernel lies in [0, K): a TORCH_CHECK on the host; on the GPU a device-side

@@ -22,6 +22,12 @@ TORCH_LIBRARY(keydistill, m) {
   // The reduced loss ('batchmean', 'sum' or 'none'), differentiable w.r.t. student; autograd in C++
   // (csrc/kd_loss.cpp) so that small logits cost little more than one op call.
   m.def("kd_loss(Tensor student, Tensor teacher, float temperature, Tensor? mask, str reduction) -> Tensor");
+  // In-place AdamW on the rows `rows` (strictly increasing, int64 [U]) of param, exp_avg and exp_avg_sq
+  // [R,D], from grad [U,D] (those rows' gradient); every other row is left untouched. CPU only: on CUDA
+  // the torch backend's index_select/index_copy_ form is used.
+  m.def(
+      "sparse_adamw_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, float step, bool maximize) -> ()");
   // Which code path the CPU kernels take on this machine: "avx2" (AVX2 + FMA) or "portable".
   m.def("cpu_simd() -> str", []() -> std::string { return keydistill::cpu::has_avx2_fma() ? "avx2" : "portable"; });
 }

@@ -27,6 +27,9 @@ How the encoder learns (the discrete lookup alone passes it no gradient):
 - Straight-through, opt-in with straight_through=True (and soft_temperature=tau): the forward pass is the
   hard lookup in training too; in the backward pass the values get their exact (hard) gradient and the
   queries get the gradient of the soft assignment.
+- Row-sparse values, opt-in with sparse_values=True: the hard lookup's gradient w.r.t. the value table is a
+  sparse tensor holding only the selected rows (keydistill.value_lookup), for keydistill.optim.LazyAdamW to
+  update those rows alone. The soft assignment mixes every key, so its gradient stays dense.
 - Feature loss toward another model's pre-bottleneck vectors (e.g. a teacher's): feature_loss(), for the
   training loop to add.
 """
@@ -39,14 +42,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from keydistill import ops
+from keydistill import ops, value_lookup
 from keydistill.ops.reference import cluster_stats, ema_apply_, smoothed_cluster_size
 
 PROJECTIONS = ("split", "random", "learned")
 POOLINGS = ("cls", "mean")
 CODEBOOK_STATE = ("keys", "cluster_size", "embed_sum")
 # BottleneckConfig fields that shape how a model learns, not what its codebook is: a student may set its own.
-TRAINING_FIELDS = ("commitment_weight", "soft_temperature", "straight_through")
+TRAINING_FIELDS = ("commitment_weight", "soft_temperature", "straight_through", "sparse_values")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class BottleneckConfig:
     # computes) and take only the backward pass from the soft assignment (straight-through).
     straight_through: bool = False
     kmeans_iters: int = 10  # Lloyd iterations after k-means++ in init_keys_
+    # The hard lookup gives the value table a row-sparse gradient (only the selected rows), for an optimizer
+    # that updates those rows alone (keydistill.optim.make_optimizer). Same forward values, up to float
+    # summation order. Worth it when the table is large (e.g. 32 x 4096 keys x 384: 50M values).
+    sparse_values: bool = False
 
     def __post_init__(self):
         for name in ("num_heads", "num_keys"):
@@ -88,6 +95,7 @@ class BottleneckConfig:
         _require(self.commitment_weight >= 0, f"commitment_weight must be >= 0, got {self.commitment_weight!r}")
         _require(self.soft_temperature is None or (math.isfinite(self.soft_temperature) and self.soft_temperature > 0),
                  f"soft_temperature must be None or a finite number > 0, got {self.soft_temperature!r}")
+        _require(isinstance(self.sparse_values, bool), f"sparse_values must be True or False, got {self.sparse_values!r}")
         _require(not self.straight_through or self.soft_temperature is not None,
                  "straight_through takes its gradient from the soft assignment: set soft_temperature too")
 
@@ -265,20 +273,29 @@ class DiscreteKeyBottleneck(nn.Module):
         heads = torch.arange(self.config.num_heads, device=index.device)
         assigned = self.keys[heads, index]  # [N, H, d]: a copy, so the EMA below cannot disturb autograd
         commitment = (queries.float() - assigned).pow(2).mean() if queries.numel() else queries.new_zeros((), dtype=torch.float32)
-        head_values = self.values[heads, index]  # [N, H, value_dim]
-        if self.training and self.config.soft_temperature is not None:
-            if self.config.straight_through:
-                # The hard values forward (and their exact gradient); the queries get the gradient of the
-                # soft assignment, mixing detached values, whose forward contribution cancels out.
-                soft = self._soft_values(queries, self.values.detach())
-                head_values = head_values + (soft - soft.detach())
-            else:
-                head_values = self._soft_values(queries, self.values)
-        pooled = _mean_per_row(head_values.mean(1), positions)
+        pooled = self._pooled_values(queries, index, positions)
         if self.training and self.update_keys:
             self._ema_step(queries.detach(), index)
         return BottleneckOutput(pooled=pooled, queries=queries, key_indices=index, positions=positions,
                                 commitment_loss=commitment, aux_loss=self.config.commitment_weight * commitment)
+
+    def _pooled_values(self, queries: torch.Tensor, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The values the lookup selects (or mixes), averaged over heads, then over each row's kept positions."""
+        soft = self.training and self.config.soft_temperature is not None
+        if soft and not self.config.straight_through:
+            return _mean_per_row(self._soft_values(queries, self.values).mean(1), positions)
+        if self.config.sparse_values and not soft:
+            return value_lookup.pooled_values(self.values, index, positions)  # one fused sum, row-sparse gradient
+        if self.config.sparse_values:
+            head_values = value_lookup.head_values(self.values, index)  # [N, H, value_dim]
+        else:
+            head_values = self.values[torch.arange(self.config.num_heads, device=index.device), index]
+        if soft:
+            # Straight-through: the hard values forward (and their exact gradient); the queries get the
+            # gradient of the soft assignment, mixing detached values, whose forward contribution cancels out.
+            mixed = self._soft_values(queries, self.values.detach())
+            head_values = head_values + (mixed - mixed.detach())
+        return _mean_per_row(head_values.mean(1), positions)
 
     def _kept_positions(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, length = hidden.shape[:2]

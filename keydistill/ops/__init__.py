@@ -1,10 +1,12 @@
-"""The three hot-path ops of the key bottleneck, each with a `backend` switch.
+"""The hot-path ops of the key bottleneck, each with a `backend` switch.
 
 - nearest_key(x, keys) -> (index, sqdist): per-head nearest codebook key.
 - ema_update_(keys, cluster_size, embed_sum, x, index, decay=..., eps=...): EMA codebook update, in place.
 - kd_loss(student_logits, teacher_logits, temperature=..., mask=..., reduction=...): T^2 * KL distillation.
 - kd_loss_linear(student_hidden, student_weight, teacher_logits, ...): kd_loss of a linear head's logits,
   chunked so the full [N, V] student logits never exist (vocabulary-level distillation).
+- sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, lr=..., ...): AdamW on the rows a row-sparse
+  gradient touches, in place (the value table's optimizer step; keydistill.optim).
 
 backend is "auto" (fastest available for the tensors' device), "cuda", "triton", "cpp" or "torch".
 All validation happens here, once, before any backend runs.
@@ -16,7 +18,8 @@ import torch
 from keydistill.ops import _checks, reference
 from keydistill.ops._backends import BackendUnavailable, backends, resolve, implementation
 
-__all__ = ["nearest_key", "ema_update_", "kd_loss", "kd_loss_linear", "backends", "BackendUnavailable", "reference"]
+__all__ = ["nearest_key", "ema_update_", "kd_loss", "kd_loss_linear", "sparse_adamw_", "backends", "BackendUnavailable",
+           "reference"]
 
 
 def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, backend: str = "auto"):
@@ -108,3 +111,27 @@ def kd_loss_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         student_hidden, student_weight, teacher_logits, temperature=float(temperature), student_bias=student_bias,
         teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias, mask=mask,
         reduction=reduction, chunk_size=chunk_size, kd_rows=kd_rows)
+
+
+def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor,
+                  grad: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                  weight_decay: float = 0.0, step: float, maximize: bool = False, backend: str = "auto") -> None:
+    """AdamW on the rows `rows` of param, exp_avg and exp_avg_sq [R, D], in place; all other rows untouched.
+
+    rows: int64 [U], strictly increasing (a coalesced row-sparse gradient's indices); grad: [U, D], those rows'
+    gradient, in param's dtype. step: the step count for the bias correction (>= 1). Per row the arithmetic is
+    torch.optim.AdamW's (decoupled weight decay, moments, bias correction), so on rows that get a gradient
+    every step the result is dense AdamW's. Backends: "cpp" (one fused pass per row) and "torch" (any device).
+    """
+    _checks.check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step)
+    name = resolve("sparse_adamw_", backend, param.device)
+    if name not in ("cpp", "torch"):
+        raise BackendUnavailable(f"sparse_adamw_: backend {name!r} is unavailable: sparse_adamw_ has cpp and torch "
+                                 "backends only (the torch one runs on any device)")
+    scalars = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                   weight_decay=float(weight_decay), step=float(step), maximize=bool(maximize))
+    with torch.no_grad():
+        if name == "torch":
+            reference.sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, **scalars)
+        else:
+            implementation(name).sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad.contiguous(), *scalars.values())

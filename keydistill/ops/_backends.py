@@ -19,12 +19,13 @@ ALL = ("cuda", "triton", "cpp", "torch")
 # (update it from that script's table). The Triton interpreter (CPU) is exact but slow: never automatic.
 AUTO_ORDER = {
     "cpu": {"nearest_key": ("cpp", "torch"), "ema_update_": ("cpp", "torch"), "kd_loss": ("cpp", "torch"),
-            "kd_loss_linear": ("cpp", "torch")},
+            "kd_loss_linear": ("cpp", "torch"), "sparse_adamw_": ("cpp", "torch")},
     "cuda": {
         "nearest_key": ("cuda", "triton", "torch"),
         "ema_update_": ("cuda", "triton", "torch"),
         "kd_loss": ("triton", "cuda", "torch"),
         "kd_loss_linear": ("triton", "cuda", "torch"),  # the per-chunk kd_loss backend
+        "sparse_adamw_": ("torch",),  # no CUDA kernel: index_select / index_copy_ on the GPU
     },
 }
 # Which device types each backend runs on.

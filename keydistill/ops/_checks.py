@@ -179,3 +179,32 @@ def linear(who: str, weight, bias, dtype, in_features: int):
         tensor(f"{who}_bias", bias, ndim=1, dtypes=(dtype,))
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{who}_bias must have shape [V={weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step):
+    for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad)):
+        tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+        if t.dtype != param.dtype:
+            raise TypeError(f"{name} must have param's dtype ({param.dtype}), got {t.dtype}")
+    tensor("rows", rows, ndim=1, dtypes=(torch.int64,))
+    same_device(param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, grad=grad)
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != param.shape:
+            raise ValueError(f"{name} must have param's shape {tuple(param.shape)}, got {tuple(t.shape)}")
+    if tuple(grad.shape) != (rows.shape[0], param.shape[1]):
+        raise ValueError(f"grad must have shape {(rows.shape[0], param.shape[1])} (rows, D), got {tuple(grad.shape)}")
+    for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is updated in place and must be contiguous")
+    for name, value, low, high in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0),
+                                   ("eps", eps, 0.0, math.inf), ("weight_decay", weight_decay, 0.0, math.inf)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value < high):
+            raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not (1 <= step < math.inf):
+        raise ValueError(f"step must be a finite number >= 1, got {step!r}")
+    if rows.numel() and not torch.compiler.is_compiling():
+        # One pass over U ints: what makes the rows independent (and the update defined) is that they are distinct.
+        lo, hi = int(rows[0]), int(rows[-1])
+        if lo < 0 or hi >= param.shape[0] or (rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all())):
+            raise ValueError(f"rows must be strictly increasing values in [0, R={param.shape[0]}) (a coalesced "
+                             f"sparse gradient's), got values from {lo} to {hi}")

@@ -13,15 +13,17 @@ from keydistill import _C  # noqa: F401  (registers torch.ops.keydistill.*)
 from keydistill.ops._fused_grad import scale_fused_gradient
 
 OPS = ("nearest_key", "ema_update_", "kd_loss_fwd")  # the per-device kernels (kd_loss is composite over kd_loss_fwd)
+CPU_ONLY_OPS = ("sparse_adamw_",)  # CPU kernels only: on CUDA the torch backend runs them
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"keydistill::{op}", dispatch_key)
+    """False also for an op this _C does not declare (a build older than the Python code: rebuild)."""
+    return hasattr(torch.ops.keydistill, op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"keydistill::{op}", dispatch_key)
 
 
 def has_cpu_kernels() -> bool:
     """True when _C registered a CPU kernel for every op."""
-    return all(has_kernel(op, "CPU") for op in OPS)
+    return all(has_kernel(op, "CPU") for op in OPS + CPU_ONLY_OPS)
 
 
 def has_cuda_kernels() -> bool:
@@ -53,6 +55,12 @@ def _kd_loss_fake(student, teacher, temperature, mask, reduction):
     return student.new_empty(shape, dtype=torch.float32)
 
 
+if hasattr(torch.ops.keydistill, "sparse_adamw_"):  # else an older build: has_cpu_kernels() says rebuild
+    @torch.library.register_fake("keydistill::sparse_adamw_")
+    def _sparse_adamw_fake(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize):
+        return None
+
+
 # ---- autograd: the gradient was computed in the forward pass; backward only scales it per row -----------
 # (keydistill/ops/_fused_grad.py says why in place). No zero gradient is materialised for the second output
 # (it is not differentiable), and no reference to it is kept beyond the saved one, so autograd can hand the
@@ -82,6 +90,11 @@ def nearest_key(x, keys):
 
 def ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic):
     torch.ops.keydistill.ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic)
+
+
+def sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize):
+    torch.ops.keydistill.sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay,
+                                       step, maximize)
 
 
 def kd_loss(student, teacher, temperature, mask, reduction):

@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementations of the three hot-path ops.
+"""Plain-PyTorch implementations of the hot-path ops.
 
 These are first-class code, not an afterthought: they are the `torch` backend (the fallback that runs
 everywhere) and, evaluated in float64, the oracle every compiled kernel is tested against.
@@ -6,6 +6,7 @@ Inputs are assumed validated by `keydistill.ops._checks`.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -255,3 +256,22 @@ def _sweep(hidden, weight, bias, spec, row_scale):
     if row_scale is not None:
         grads = (grad_hidden, grad_weight, grad_bias.to(bias.dtype) if grad_bias is not None else None)
     return rows, grads
+
+
+# ---- sparse_adamw_: AdamW on the rows a row-sparse gradient touches ----------------------------------------
+
+def sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, *, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, step: float, maximize: bool = False) -> None:
+    """torch.optim.AdamW's update (single-tensor form, term by term) of the rows `rows` of param, exp_avg and
+    exp_avg_sq [R, D], from grad [U, D], the gradient of those rows; all other rows stay as they are.
+    rows: int64 [U], strictly increasing. step: the step count the bias correction uses (>= 1)."""
+    g = -grad if maximize else grad
+    p, m, v = param.index_select(0, rows), exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+    param.index_copy_(0, rows, p)
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)

@@ -18,8 +18,19 @@ from keydistill.data import TASKS
 # A new teacher's bottleneck when the command line leaves a field unset (None). A loaded teacher's own
 # bottleneck always wins: an explicit flag that contradicts it is an error (see stages.teacher).
 BOTTLENECK_DEFAULTS = {"num_heads": 8, "num_keys": 256, "pooling": "cls", "projection": "split"}
-# The bottleneck presets of --bottleneck: named sets of the fields above (and key_dim / value_dim).
-BOTTLENECK_PRESETS: dict[str, dict] = {"default": {}}
+# The bottleneck presets of --bottleneck: named sets of the fields above (and other BottleneckConfig fields).
+# A preset that sets key_dim but not num_heads gets one head per key_dim-wide slice of the encoder output
+# (num_heads = width / key_dim: see TrainConfig.bottleneck_fields).
+BOTTLENECK_PRESETS: dict[str, dict] = {
+    "default": {},
+    # The DKVB recipe for NLP encoders (Diera et al., 2024, "Continual learning with a discrete key-value
+    # bottleneck in pre-trained language models"; code: github.com/drndr/dkvb_nlp): the encoder output cut into
+    # key segments of dimension 12 (64 heads on a 768-wide BERT, 32 on the 384-wide MiniLM), 4096 keys per
+    # head, every token looked up and the values pooled (mean) after the lookup. Their keys are fitted by EMA
+    # passes over the training data before any value trains (3 epochs there); here k-means then --key-passes
+    # EMA passes. The values table is large (32 x 4096 x 384 on MiniLM), so its gradient is row-sparse.
+    "dkvb-nlp": {"key_dim": 12, "num_keys": 4096, "pooling": "mean", "projection": "split", "sparse_values": True},
+}
 
 
 class RunError(Exception):
@@ -120,10 +131,18 @@ class TrainConfig:
     def out(self) -> Path:
         return Path(self.output_dir.format(task=self.task))
 
-    def bottleneck_fields(self) -> dict:
-        """The new teacher's bottleneck identity: preset, then explicit flags, then defaults."""
-        chosen = {**BOTTLENECK_DEFAULTS, **BOTTLENECK_PRESETS[self.bottleneck]}
-        chosen.update({k: getattr(self, k) for k in BOTTLENECK_DEFAULTS if getattr(self, k) is not None})
+    def bottleneck_fields(self, width: int | None = None) -> dict:
+        """The new teacher's bottleneck identity: preset, then explicit flags, then defaults.
+
+        width: the teacher's hidden size, when known. A preset that fixes key_dim but not num_heads then gets
+        width // key_dim heads (unless --num-heads is given); without it the default head count stays, which
+        the width check (BottleneckConfig.key_dim_for) rejects for projection "split"."""
+        preset = BOTTLENECK_PRESETS[self.bottleneck]
+        chosen = {**BOTTLENECK_DEFAULTS, **preset}
+        explicit = {k: getattr(self, k) for k in BOTTLENECK_DEFAULTS if getattr(self, k) is not None}
+        if width is not None and "key_dim" in preset and "num_heads" not in preset and "num_heads" not in explicit:
+            chosen["num_heads"] = max(1, width // preset["key_dim"])
+        chosen.update(explicit)
         return chosen
 
     def teacher_bottleneck(self) -> BottleneckConfig:
