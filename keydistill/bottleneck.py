@@ -174,6 +174,9 @@ class DiscreteKeyBottleneck(nn.Module):
         # Data parallelism: a hook that sums the codebook statistics across ranks before each EMA step
         # (keydistill.train.distributed.CodebookSync); None in a single process.
         self.sync = None
+        # False under DistributedDataParallel, whose reducer takes dense gradients only (from modules other
+        # than nn.Embedding): config.sparse_values then falls back to the dense value gradient.
+        self.sparse_gradients = True
         # True while a batch must not count in the codebook statistics (a data-parallel rank's padding
         # example); with a sync hook the rank still takes part in the collectives, with zero statistics.
         self.ema_paused = False
@@ -284,9 +287,10 @@ class DiscreteKeyBottleneck(nn.Module):
         soft = self.training and self.config.soft_temperature is not None
         if soft and not self.config.straight_through:
             return _mean_per_row(self._soft_values(queries, self.values).mean(1), positions)
-        if self.config.sparse_values and not soft:
+        sparse = self.config.sparse_values and self.sparse_gradients
+        if sparse and not soft:
             return value_lookup.pooled_values(self.values, index, positions)  # one fused sum, row-sparse gradient
-        if self.config.sparse_values:
+        if sparse:
             head_values = value_lookup.head_values(self.values, index)  # [N, H, value_dim]
         else:
             head_values = self.values[torch.arange(self.config.num_heads, device=index.device), index]

@@ -97,6 +97,22 @@ def test_a_stuck_rank_is_an_error_naming_the_collective(tmp_path):
     assert time.time() - started < 120  # the 3 s timeout, plus starting two Python processes
 
 
+def test_data_parallel_bottlenecks_take_dense_value_gradients():
+    """DDP's reducer takes dense gradients only: under torchrun sparse_values falls back to the dense path."""
+    from keydistill.train.distributed import attach_codebook_sync
+    model = torch.nn.Sequential(DiscreteKeyBottleneck(12, BottleneckConfig(num_heads=3, num_keys=7, sparse_values=True)))
+    hidden = torch.randn(4, 1, 12)
+    model[0](hidden).pooled.sum().backward()
+    assert model[0].values.grad.is_sparse  # alone: row-sparse
+    model[0].values.grad = None
+    attach_codebook_sync(model, Dist(0, 2))
+    assert model[0].sync is not None and not model[0].sparse_gradients
+    model[0](hidden).pooled.sum().backward()
+    assert not model[0].values.grad.is_sparse
+    attach_codebook_sync(model, Dist())  # alone again
+    assert model[0].sync is None and model[0].sparse_gradients
+
+
 def test_chunks_cover_a_global_batch_once():
     batch = list(range(7))
     parts = [chunk(batch, Dist(r, 3)) for r in range(3)]

@@ -128,3 +128,18 @@ def test_truncation_is_counted_and_printed(tiny, tmp_path, capsys):
     lengths = [len(line.split("\t")[0].split()) for line in (tiny / "glue" / "SST-2" / "train.tsv").read_text().splitlines()[1:]]
     assert run.train.truncated + run.val.truncated == sum(n > 3 for n in lengths)
     assert f"truncated at --max-length 5: {run.train.truncated} of {len(run.train)} train" in capsys.readouterr().out
+
+
+def test_the_dkvb_preset_brings_its_training_recipe_unless_a_flag_says_otherwise():
+    from keydistill.train.config import PRESET_RECIPES
+    cfg = parse_config(["--bottleneck", "dkvb-nlp"])
+    assert (cfg.key_passes, cfg.kmeans_samples) == tuple(v for _, v in PRESET_RECIPES["dkvb-nlp"])
+    assert parse_config(["--bottleneck", "dkvb-nlp", "--key-passes", "1"]).key_passes == 1
+    assert parse_config([]).key_passes == 1  # the default preset brings nothing
+    bottleneck = cfg.teacher_bottleneck(384)
+    assert (bottleneck.num_heads, bottleneck.key_dim, bottleneck.num_keys, bottleneck.pooling) == (32, 12, 4096, "mean")
+
+
+def test_the_dkvb_preset_on_a_teacher_it_does_not_fit_is_one_line(tiny, tmp_path, capsys):
+    assert main(tiny_args(tiny, tmp_path, "--bottleneck", "dkvb-nlp")) == 2  # 32 wide: not a multiple of 12
+    assert "needs num_heads * key_dim == dim" in capsys.readouterr().err

@@ -31,6 +31,9 @@ BOTTLENECK_PRESETS: dict[str, dict] = {
     # EMA passes. The values table is large (32 x 4096 x 384 on MiniLM), so its gradient is row-sparse.
     "dkvb-nlp": {"key_dim": 12, "num_keys": 4096, "pooling": "mean", "projection": "split", "sparse_values": True},
 }
+# The training settings a preset runs with unless a flag says otherwise (like a task's recipe): the DKVB
+# recipe's 3 EMA passes over the keys, and k-means on 8 vectors per key.
+PRESET_RECIPES: dict[str, tuple] = {"default": (), "dkvb-nlp": (("key_passes", 3), ("kmeans_samples", 32768))}
 
 
 class RunError(Exception):
@@ -145,9 +148,10 @@ class TrainConfig:
         chosen.update(explicit)
         return chosen
 
-    def teacher_bottleneck(self) -> BottleneckConfig:
-        """A new teacher's bottleneck: the identity fields and a hard lookup (its encoder is fixed by then)."""
-        return BottleneckConfig(**self.bottleneck_fields(), commitment_weight=self.commitment_weight)
+    def teacher_bottleneck(self, width: int | None = None) -> BottleneckConfig:
+        """A new teacher's bottleneck on an encoder of this width: the identity fields and a hard lookup (its
+        encoder is fixed by then)."""
+        return BottleneckConfig(**self.bottleneck_fields(width), commitment_weight=self.commitment_weight)
 
     def student_training(self) -> dict:
         """The bottleneck settings that shape how the student learns, set on top of the teacher's bottleneck."""
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="Each task runs with its recipe (keydistill.data.TASKS) on top of these "
                                             "defaults, e.g. --task rte: --max-length 128 --max-train-samples none "
-                                            "--teacher-epochs 3 --epochs 3; a flag overrides its recipe value.")
+                                            "--teacher-epochs 2 --epochs 2; a flag overrides its recipe value.")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -202,10 +206,11 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> d
 
 
 def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> TrainConfig:
-    """The settings of a command line: the defaults, then the task's recipe (data.TASKS), then the flags."""
+    """The settings of a command line: the defaults, then the task's recipe (data.TASKS) and the bottleneck
+    preset's (PRESET_RECIPES), then the flags."""
     parser = parser or build_parser()
     settings = vars(parser.parse_args(argv))
-    recipe = dict(TASKS[settings["task"]].recipe)
+    recipe = dict(TASKS[settings["task"]].recipe + PRESET_RECIPES[settings["bottleneck"]])
     settings.update({k: v for k, v in recipe.items() if k not in explicit_flags(parser, argv)})
     return TrainConfig(**settings)
 

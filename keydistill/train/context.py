@@ -113,7 +113,7 @@ def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
     """(the teacher's bottleneck, where its tokenizer comes from)."""
     if not cfg.teacher_checkpoint:
         hidden = _encoder_width(cfg.teacher)
-        bottleneck = cfg.teacher_bottleneck()
+        bottleneck = cfg.teacher_bottleneck(hidden)
         try:
             bottleneck.key_dim_for(hidden)
         except ValueError as e:

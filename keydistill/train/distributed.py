@@ -179,11 +179,13 @@ class CodebookSync:
 
 
 def attach_codebook_sync(model: torch.nn.Module, ranks: Dist) -> None:
-    """Give every bottleneck in model the cross-rank statistics hook (nothing to do alone)."""
+    """Give every bottleneck in model the cross-rank statistics hook, and dense value gradients, which DDP
+    can reduce (nothing to do alone)."""
     from keydistill.bottleneck import DiscreteKeyBottleneck
     for module in model.modules():
         if isinstance(module, DiscreteKeyBottleneck):
             module.sync = CodebookSync(ranks) if ranks.active else None
+            module.sparse_gradients = not ranks.active
 
 
 def broadcast_codebooks(model: torch.nn.Module) -> None:

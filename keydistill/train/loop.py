@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from keydistill.checkpoint import load_checkpoint, read_record, save_checkpoint
 from keydistill.data import length_bucketed_batches
+from keydistill.optim import clip_grad_norm_, make_optimizer
 from keydistill.train import distributed
 from keydistill.train.features import batches_on, forward, progress_bar
 
@@ -140,7 +141,8 @@ def fit(run, stage: Stage) -> dict:
     if stage.name in run.progress:  # finished before an interruption
         load_checkpoint(best, stage.model)
         return run.progress[stage.name]
-    optimizer = torch.optim.AdamW(param_groups(stage.model, stage.params, cfg.weight_decay), lr=stage.lr)
+    # AdamW (fused where torch has it); row-sparse value gradients step only their rows (keydistill.optim)
+    optimizer = make_optimizer(param_groups(stage.model, stage.params, cfg.weight_decay), lr=stage.lr)
     lengths = stage.dataset.lengths()
     global_batch = cfg.batch_size * ranks.world
     total_steps = stage.epochs * math.ceil(math.ceil(len(lengths) / global_batch) / cfg.grad_accum)
@@ -191,7 +193,7 @@ def fit(run, stage: Stage) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, stage.lr, state["step"], total_steps)
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(stage.params, cfg.grad_clip)
+                clip_grad_norm_(stage.params, cfg.grad_clip)  # torch's, without copying sparse gradients
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_sums = summed_across_ranks(step_sums, ranks, run.device)
