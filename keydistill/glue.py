@@ -105,12 +105,20 @@ def finished(cfg: TrainConfig) -> dict | None:
 # Scores: GLUE's per-task score and macro average
 # ----------------------------------------------------------------------------------------------------------
 
-def task_score(results: dict) -> float:
-    """A task's GLUE score in points: the mean of its metrics (MRPC F1/accuracy, STS-B Pearson/Spearman;
-    MNLI matched/mismatched accuracy)."""
+# The metrics GLUE scores each task by (the mean of them, in points); the others are accuracy alone. CoLA's
+# is MCC alone, although the job also reports its accuracy.
+GLUE_METRICS = {"cola": ("mcc",), "mrpc": ("f1", "accuracy"), "qqp": ("accuracy", "f1"), "stsb": ("pearson", "spearman")}
+
+
+def glue_metrics(task: str) -> tuple[str, ...]:
+    return GLUE_METRICS.get(task, ("accuracy",))
+
+
+def task_score(task: str, results: dict) -> float:
+    """A task's GLUE score in points: the mean of its GLUE metrics (MRPC F1/accuracy, STS-B Pearson/Spearman,
+    CoLA MCC; MNLI matched/mismatched accuracy)."""
     splits = [s for s in results if s.startswith("test_")] or ["test"]
-    values = [v for s in splits for v in results[s].values()]
-    return 100 * float(np.mean(values))
+    return 100 * float(np.mean([results[s][m] for s in splits for m in glue_metrics(task)]))
 
 
 def majority_baseline(cfg: TrainConfig) -> dict | None:
@@ -128,12 +136,12 @@ def majority_baseline(cfg: TrainConfig) -> dict | None:
 
 
 def task_row(name: str, cfg: TrainConfig, metrics: dict, seconds: float | None) -> dict:
-    teacher, student = task_score(metrics["teacher"]), task_score(metrics["student"])
+    teacher, student = task_score(name, metrics["teacher"]), task_score(name, metrics["student"])
     baseline = majority_baseline(cfg)
     return {"task": name, "teacher": metrics["teacher"], "student": metrics["student"],
             "teacher_score": teacher, "student_score": student,
             "student_share": student / teacher if teacher else None,
-            "majority": baseline, "majority_score": task_score(baseline) if baseline else None,
+            "majority": baseline, "majority_score": task_score(name, baseline) if baseline else None,
             "teacher_params": metrics["teacher_params"], "student_params": metrics["student_params"],
             "inference_examples_per_s": metrics.get("inference_examples_per_s", {}),
             "rows": metrics.get("rows"), "seconds": seconds if seconds is not None else metrics["seconds"],
@@ -145,15 +153,15 @@ def task_row(name: str, cfg: TrainConfig, metrics: dict, seconds: float | None) 
 # ----------------------------------------------------------------------------------------------------------
 
 def cell(task: str, results: dict) -> str:
-    """One task's metrics as DistilBERT prints them: F1/acc for MRPC, Pearson/Spearman for STS-B, m/mm for MNLI."""
+    """One task's GLUE metrics as DistilBERT prints them: F1/acc for MRPC, Pearson/Spearman for STS-B, MCC for
+    CoLA, m/mm for MNLI."""
     splits = [s for s in results if s.startswith("test_")] or ["test"]
-    return "/".join(f"{100 * v:.1f}" for s in splits for v in results[s].values())
+    return "/".join(f"{100 * results[s][m]:.1f}" for s in splits for m in glue_metrics(task))
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
     tasks = [r["task"] for r in rows]
-    names = [TASKS[t].folder + (" (" + "/".join(TASKS[t].metrics) + ")" if len(TASKS[t].metrics) > 1 else "")
-             for t in tasks]
+    names = [f"{TASKS[t].folder} ({'/'.join(glue_metrics(t))})" for t in tasks]
     header = "| model | score | " + " | ".join(names) + " | params | inference ex/s (mean) |"
     lines = [header, "|" + "---|" * (len(tasks) + 4)]
     for model in ("teacher", "student"):

@@ -43,3 +43,10 @@ def seed():
     torch.manual_seed(s)
     print(f"seed={s}")
     return s
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random BERT with its tokenizer, and tiny GLUE folders (the training-job tests)."""
+    from train_fixtures import make_tiny
+    return make_tiny(tmp_path_factory.mktemp("tiny"))

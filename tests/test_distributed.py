@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 from keydistill.bottleneck import BottleneckConfig, DiscreteKeyBottleneck
 from keydistill.train.config import RunError
 from keydistill.train.distributed import Dist, CodebookSync, all_reduce_sum_, chunk
-from train_fixtures import REPO, tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+from train_fixtures import REPO, tiny_args
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

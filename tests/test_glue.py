@@ -6,7 +6,7 @@ import pytest
 
 from keydistill import glue
 from keydistill.data import TASKS
-from train_fixtures import tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+from train_fixtures import tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,11 @@ def test_recipes_name_only_train_settings():
     fields = set(TrainConfig.__dataclass_fields__)
     for task in TASKS.values():
         assert {k for k, _ in task.recipe} <= fields, task.name
+
+
+def test_task_scores_follow_glue():
+    assert glue.task_score("cola", {"test": {"mcc": 0.4, "accuracy": 0.8}}) == pytest.approx(40.0)  # MCC alone
+    assert glue.task_score("mrpc", {"test": {"f1": 0.9, "accuracy": 0.8}}) == pytest.approx(85.0)
+    mnli = {"test": {"accuracy": 0.7}, "test_matched": {"accuracy": 0.7}, "test_mismatched": {"accuracy": 0.6}}
+    assert glue.task_score("mnli", mnli) == pytest.approx(65.0)  # matched and mismatched, the alias not twice
+    assert glue.cell("cola", {"test": {"mcc": 0.4, "accuracy": 0.8}}) == "40.0"

@@ -12,7 +12,7 @@ import torch
 from keydistill import checkpoint
 from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model, student_from_teacher
 from keydistill.train import TrainConfig, build_parser, parse_config, run_all
-from train_fixtures import REPO, tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+from train_fixtures import REPO, tiny_args
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 and checkpoints that survive a kill between any two writes."""
 import pytest
 import torch
-from torch import nn
 from transformers import BertConfig
 
 from keydistill import checkpoint
@@ -11,7 +10,7 @@ from keydistill.losses import DistillationWeights, distillation_loss
 from keydistill.models import BertWithKeyBottleneck
 from keydistill.train import parse_config, run_all
 from keydistill.train.loop import accumulation_weights, param_groups
-from train_fixtures import tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+from train_fixtures import tiny_args
 
 
 def tiny_model() -> BertWithKeyBottleneck:

@@ -10,7 +10,7 @@ import torch
 from keydistill.models import load_model
 from keydistill.train import ConfigError, main, parse_config, run_all
 from keydistill.train.context import setup
-from train_fixtures import tiny, tiny_args  # noqa: F401  (tiny is a fixture)
+from train_fixtures import tiny_args
 
 BAD_SETTINGS = [  # (extra flags, words the one-line error must contain)
     (["--epochs", "0"], "--epochs must be at least 1"),

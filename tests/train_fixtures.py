@@ -2,7 +2,6 @@
 import os
 import random
 
-import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -30,10 +29,9 @@ def write_glue(root, rng: random.Random, task: str) -> None:
         (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random BERT with its tokenizer, and tiny GLUE folders."""
-    root = tmp_path_factory.mktemp("tiny")
+def make_tiny(root):
+    """A tiny random BERT with its tokenizer in root/model, and tiny GLUE folders in root/glue (the `tiny`
+    fixture of conftest.py)."""
     model_dir = root / "model"
     model_dir.mkdir()
     (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
