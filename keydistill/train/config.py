@@ -65,7 +65,7 @@ class TrainConfig:
     data_dir: str | None = option(None, "folder in the GLUE TSV layout (e.g. ../shared/data/glue); none: the hub")
     val_size: int | None = option(None, "rows held out of train (seeded) as the validation split; none: 10%% of "
                                         "train, at least 100 and at most 1000")
-    max_train_samples: int | None = option(20000, "cap on training rows (after the validation slice); none: all")
+    max_train_samples: int | None = option(40000, "cap on training rows (after the validation slice); none: all")
     max_eval_samples: int | None = option(None, "cap on validation and test rows; none: all")
     max_length: int = option(64, "tokens per example after truncation")
     skip_bad_rows: bool = option(False, "drop malformed data rows (their count is reported) instead of failing")
