@@ -6,6 +6,8 @@ student's decoder (stages.student), so both codebooks are made alike.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from keydistill.data import Collator, eval_batches
@@ -13,7 +15,7 @@ from keydistill.models import BertWithKeyBottleneck, load_model
 from keydistill.train import distributed
 from keydistill.train.config import RunError
 from keydistill.train.evaluate import evaluator
-from keydistill.train.features import FeatureDataset, batches_on, collate_features, encode
+from keydistill.train.features import FeatureDataset, batches_on, collate_features, encode, progress_bar
 from keydistill.train.loop import Stage, fit, token_loss, trainable
 
 
@@ -63,7 +65,13 @@ def fit_decoder(run, model, name: str, train: FeatureDataset, val: FeatureDatase
     cfg, bottleneck = run.cfg, model.bottleneck
     torch.manual_seed(cfg.seed + 2)  # dead-key restarts draw from it: same draws whether resumed or not
     if bottleneck is not None and name not in run.progress:
+        h, k, _ = bottleneck.keys.shape
+        started = time.perf_counter()
+        if run.ranks.main:  # k-means over thousands of keys takes minutes at the DKVB scale: say so first
+            print(f"{name}: k-means++ keys ({h} heads x {k} keys) on up to {cfg.kmeans_samples} vectors ...", flush=True)
         init_keys(run, model, train)
+        if run.ranks.main:
+            print(f"{name}: keys initialised in {time.perf_counter() - started:.0f} s", flush=True)
         key_passes(run, bottleneck, train)
     if bottleneck is not None:
         bottleneck.freeze_keys()
@@ -81,8 +89,9 @@ def key_passes(run, bottleneck, train: FeatureDataset) -> None:
     size = run.cfg.eval_batch_size * run.ranks.world
     empty = {"hidden": train.features[0].new_zeros(0, 1, train.features[0].shape[-1]),
              "attention_mask": torch.zeros(0, 1, dtype=torch.long, device=run.device)}
-    for _ in range(run.cfg.key_passes):
-        for global_batch in eval_batches(train.lengths(), size):
+    for p in range(run.cfg.key_passes):
+        order = eval_batches(train.lengths(), size)
+        for global_batch in progress_bar(order, desc=f"key EMA pass {p + 1}/{run.cfg.key_passes}", unit="batch"):
             mine = distributed.chunk(global_batch, run.ranks)
             batch = next(batches_on(run.device, train, collate_features, [mine]))[1] if mine else empty
             bottleneck(batch["hidden"], batch["attention_mask"])
