@@ -84,13 +84,16 @@ _TINY = (("max_train_samples", None), ("teacher_epochs", 3), ("epochs", 3))
 # default 3 epochs, 0.283 with 6, 0.329 with 6 and --soft-temperature 1 --straight-through).
 # MRPC's and STS-B's students were still improving at 2 epochs: 4 (MRPC, one teacher: val F1 0.795 -> 0.816).
 _PAIRS_4 = _PAIRS + _SMALL + (("epochs", 4),)
+# SST-2, the main job: every training row, one epoch each for teacher and student (measured: 22.6 min, teacher
+# 0.8945, student 0.8991; 40,000 rows and 2 student epochs: 17.0 min, 0.8796 and 0.8704).
+_SST2 = (("max_train_samples", None), ("epochs", 1))
 _COLA = (("max_train_samples", None), ("teacher_epochs", 3), ("epochs", 6), ("soft_temperature", 1.0),
          ("straight_through", True))
 
 TASKS: dict[str, GlueTask] = {t.name: t for t in [
     GlueTask("cola", "CoLA", ("sentence",), "label", ("sentence",), _BINARY, ("mcc", "accuracy"),
              headerless_columns=("source", "label", "original_label", "sentence"), recipe=_COLA),
-    GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), _BINARY, ("accuracy",)),
+    GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), _BINARY, ("accuracy",), recipe=_SST2),
     GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"), _BINARY,
              ("f1", "accuracy"), recipe=_PAIRS_4),
     GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("question1", "question2"), _BINARY,
