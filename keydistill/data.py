@@ -74,8 +74,7 @@ _BINARY = ("0", "1")
 _ENTAIL2 = ("entailment", "not_entailment")
 
 # Sentence pairs need room; the small tasks train on all their rows for more epochs, as many as the hour
-# the six local tasks get on a 2-core CPU allows (the tokens of an epoch decide its cost: CoLA's and WNLI's
-# are few, MRPC's, RTE's and STS-B's about as many as SST-2's 40,000-row epoch).
+# the six local tasks get on a 2-core CPU allows (the tokens of an epoch decide its cost).
 _PAIRS = (("max_length", 128),)
 _SMALL = (("max_train_samples", None), ("teacher_epochs", 2), ("epochs", 2))
 _TINY = (("max_train_samples", None), ("teacher_epochs", 3), ("epochs", 3))

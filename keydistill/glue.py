@@ -105,13 +105,13 @@ def finished(cfg: TrainConfig) -> dict | None:
 # Scores: GLUE's per-task score and macro average
 # ----------------------------------------------------------------------------------------------------------
 
-# The metrics GLUE scores each task by (the mean of them, in points); the others are accuracy alone. CoLA's
-# is MCC alone, although the job also reports its accuracy.
-GLUE_METRICS = {"cola": ("mcc",), "mrpc": ("f1", "accuracy"), "qqp": ("accuracy", "f1"), "stsb": ("pearson", "spearman")}
+# GLUE scores a task by the mean of the metrics the task table reports for it, except CoLA: MCC alone, although
+# the job also reports its accuracy.
+GLUE_SCORED_BY = {"cola": ("mcc",)}
 
 
 def glue_metrics(task: str) -> tuple[str, ...]:
-    return GLUE_METRICS.get(task, ("accuracy",))
+    return GLUE_SCORED_BY.get(task, TASKS[task].metrics)
 
 
 def task_score(task: str, results: dict) -> float:
