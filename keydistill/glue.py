@@ -30,6 +30,7 @@ from keydistill.checkpoint import write_json
 from keydistill.data import TASKS, DataError, compute_metrics, get_task, load_task
 from keydistill.ops import BackendUnavailable
 from keydistill.train import RunError, TrainConfig, build_parser, parse_config, run_all
+from keydistill.train.config import changed_settings
 
 ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")  # DistilBERT's Table 1 columns
 LOCAL_TASKS = ("cola", "mrpc", "rte", "sst2", "stsb", "wnli")  # the six in ../shared/data/glue
@@ -96,9 +97,7 @@ def finished(cfg: TrainConfig) -> dict | None:
     config, metrics = cfg.out / "config.json", cfg.out / "metrics.json"
     if not (config.exists() and metrics.exists()):
         return None
-    saved = {k: v for k, v in json.loads(config.read_text()).items() if k != "resume"}
-    wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-    return json.loads(metrics.read_text()) if saved == wanted else None
+    return None if changed_settings(json.loads(config.read_text()), cfg) else json.loads(metrics.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,7 +139,7 @@ def task_row(name: str, cfg: TrainConfig, metrics: dict, seconds: float | None) 
     baseline = majority_baseline(cfg)
     return {"task": name, "teacher": metrics["teacher"], "student": metrics["student"],
             "teacher_score": teacher, "student_score": student,
-            "student_share": student / teacher if teacher else None,
+            "student_share": student / teacher if teacher else None, "fidelity": metrics.get("fidelity"),
             "majority": baseline, "majority_score": task_score(name, baseline) if baseline else None,
             "teacher_params": metrics["teacher_params"], "student_params": metrics["student_params"],
             "inference_examples_per_s": metrics.get("inference_examples_per_s", {}),
@@ -173,11 +172,15 @@ def markdown(rows: list[dict], summary: dict) -> str:
                  + " | ".join(f"{r['student_share']:.1%}" if r["student_share"] is not None else "n/a" for r in rows)
                  + f" | {rows[0]['student_params'] / rows[0]['teacher_params']:.0%} | "
                  f"{summary['speedup']:.2f}x |")
+    lines.append("| student fidelity | | " + " | ".join("n/a" if r.get("fidelity") is None else f"{r['fidelity']:.1%}"
+                                                  for r in rows) + " | | |")
     lines.append("| majority class | " + (f"{summary['majority']:.1f}" if summary["majority"] is not None else "n/a")
                  + " | " + " | ".join(cell(r["task"], r["majority"]) if r["majority"] else "n/a" for r in rows)
                  + " | | |")
     lines += ["", "Score: the macro average of the task scores (each the mean of its metrics, in points). "
-              "Test is GLUE's labelled dev split; validation was held out of train.", "",
+              "Test is GLUE's labelled dev split; validation was held out of train. "
+              "Fidelity: the share of test examples where the student predicts the teacher's class (STS-B: the "
+              "correlation of their scores).", "",
               "| task | teacher | published (DistilBERT Table 1 / MiniLM-L6-H384) | gap | minutes |",
               "|---|---|---|---|---|"]
     for r in rows:

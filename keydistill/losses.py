@@ -1,6 +1,6 @@
 """The distillation objective.
 
-    total = alpha * soft + (1 - alpha) * task + feature_weight * feature + aux
+    total = alpha * soft + (1 - alpha) * task + feature_weight * feature + hidden_weight * hidden + aux
 
 - soft: ops.kd_loss(student, teacher, T) (T^2-scaled KL) for classification; for regression the teacher's
   score is the soft target, through MSE.
@@ -9,6 +9,9 @@
   reads: the first token for cls pooling, the token mean for mean pooling). This is the student encoder's
   main learning path: the discrete key lookup passes no gradient back to the encoder, so without it the
   encoder would learn only through the commitment loss.
+- hidden (--hidden-weight, added by the student stage): MSE between every student layer's output and the
+  output of the teacher layer it was copied from, over all real tokens: the whole sentence's representation,
+  layer by layer, rather than the one vector the feature loss matches.
 - aux: the bottleneck's own weighted commitment loss (pulls encoder outputs toward their assigned keys,
   which start as the carried teacher keys); absent without a bottleneck.
 """
@@ -42,6 +45,15 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     if student_logits.shape[-1] == 1:
         return F.mse_loss(student_logits.float().squeeze(-1), teacher_logits.float().squeeze(-1))
     return ops.kd_loss(student_logits.float(), teacher_logits.float(), temperature=temperature)
+
+
+def hidden_state_loss(student_layers: list[torch.Tensor], teacher_layers: list[torch.Tensor],
+                      attention_mask: torch.Tensor) -> torch.Tensor:
+    """MSE between each student layer's output and its teacher layer's ([B, L, dim] each), over real tokens
+    only, averaged over layers (TinyBERT's hidden-state loss without its projection: widths are equal)."""
+    mask = attention_mask.unsqueeze(-1).float()
+    squared = sum((((s.float() - t.float()) ** 2) * mask).sum() for s, t in zip(student_layers, teacher_layers))
+    return squared / (mask.sum() * student_layers[0].shape[-1] * len(student_layers))
 
 
 def distillation_loss(student_out, teacher_logits: torch.Tensor, teacher_features: torch.Tensor,

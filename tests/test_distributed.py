@@ -166,19 +166,23 @@ def teacher_without_dropout(tiny, no_dropout, tmp_path_factory):
     return out / "teacher"
 
 
-def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teacher_without_dropout, tmp_path):
+@pytest.mark.parametrize("extra, steps", [([], 14), (["--hidden-weight", "1", "--augment", "1"], 28)])
+def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teacher_without_dropout, tmp_path, extra,
+                                                                    steps):
     # The soft assignment keeps the loss continuous in the student's outputs: under the hard lookup, rounding
     # differences from the order of the gradient sums can flip a rare near-tie lookup and change that
     # example's loss by a step, which no tolerance for reduction order should have to absorb.
-    args = ["--teacher-checkpoint", str(teacher_without_dropout), "--soft-temperature", "1.0", "--epochs", "2"]
+    # The second case: the augmented copies and the teacher's layer outputs are computed in shares and gathered.
+    args = ["--teacher-checkpoint", str(teacher_without_dropout), "--soft-temperature", "1.0", "--epochs", "2", *extra]
     two = torchrun(train_args(tiny, teacher_without_dropout, tmp_path / "two", 4, *args))
     alone(train_args(tiny, teacher_without_dropout, tmp_path / "one", 8, *args))
     assert "global batch = 4 per rank x 2 ranks x 1 accumulation = 8 examples per step" in two.stdout
     one_m, two_m = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     one_curve, two_curve = one_m["curves"]["student"], two_m["curves"]["student"]
-    assert [s for s, _ in one_curve] == [s for s, _ in two_curve] and len(one_curve) == 14  # step for step
+    assert [s for s, _ in one_curve] == [s for s, _ in two_curve] and len(one_curve) == steps  # step for step
+    # float32 sums in another order, compounded over 28 steps: a few 1e-6 (a wrong gather would be far off)
     torch.testing.assert_close(torch.tensor([v for _, v in two_curve]), torch.tensor([v for _, v in one_curve]),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=5e-5, atol=1e-5)
     for one_e, two_e in zip(one_m["history"], two_m["history"]):
         assert two_e["loss"] == pytest.approx(one_e["loss"], rel=1e-5) and two_e["val"] == one_e["val"]
     final = [load_file(str(tmp_path / d / "checkpoints" / "student.latest.safetensors")) for d in ("one", "two")]

@@ -44,7 +44,9 @@ def test_the_table_has_teacher_student_and_share_rows(table):
     out = table[0]
     text = (out / "glue.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert {"teacher", "student", "student / teacher", "majority class"} <= set(rows)
+    assert {"teacher", "student", "student / teacher", "student fidelity", "majority class"} <= set(rows)
+    fidelity = [r["fidelity"] for r in json.loads((out / "glue.json").read_text())["tasks"]]
+    assert rows["student fidelity"].split("|")[3:5] == [f" {f:.1%} " for f in fidelity]
     assert "SST-2" in text and "STS-B (pearson/spearman)" in text and "published" in text
     summary = json.loads((out / "glue.json").read_text())["summary"]
     assert summary["share"] == pytest.approx(summary["student"] / summary["teacher"])
@@ -55,6 +57,10 @@ def test_the_table_has_teacher_student_and_share_rows(table):
 def test_a_rerun_reuses_finished_tasks(table, capsys):
     out, argv, _ = table
     before = json.loads((out / "glue.json").read_text())["tasks"]
+    # a run written before a setting existed matches that setting's default (it behaved so)
+    config = json.loads((out / "sst2" / "config.json").read_text())
+    del config["augment"]
+    (out / "sst2" / "config.json").write_text(json.dumps(config))
     assert glue.main([*argv, "--tasks", "sst2,stsb"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing the finished run") == 2

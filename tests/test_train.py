@@ -1,4 +1,5 @@
 """keydistill.train end to end on a tiny random BERT: every stage, every output, resume after kill -9."""
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import torch
 from keydistill import checkpoint
 from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model, student_from_teacher
 from keydistill.train import TrainConfig, build_parser, parse_config, run_all
+from keydistill.report import summary_table
+from keydistill.train.config import changed_settings
 from train_fixtures import REPO, tiny_args
 
 
@@ -42,6 +45,8 @@ def test_end_to_end_outputs(sst2_run, capsys):
     student_epochs = [e for e in saved["history"] if e["stage"] == "student"]
     assert set(student_epochs[0]["loss"]) == {"total", "soft", "task", "feature", "aux"}
     assert all(e["examples_per_s"] > 0 and "accuracy" in e["val"] for e in saved["history"])
+    assert 0.0 <= saved["fidelity"] <= 1.0
+    assert f"(same prediction): {saved['fidelity']:.1%}" in summary_table(saved, ("accuracy",))
     codebook = saved["codebook"]
     assert 0.0 <= codebook["key_agreement"] <= 1.0
     assert 1.0 <= codebook["student"]["test_perplexity"] <= 8.0 + 1e-4
@@ -131,6 +136,28 @@ def test_resume_refuses_changed_settings(sst2_run, tiny, capsys):
     from keydistill.train import main
     assert main(tiny_args(tiny, sst2_run[0], "--resume", "--lr", "0.5")) == 2
     assert "differ" in capsys.readouterr().err
+
+
+def test_fidelity_is_the_share_of_same_predictions_or_the_score_correlation(seed):
+    from scipy.stats import pearsonr
+    from keydistill.data import get_task
+    from keydistill.train.evaluate import fidelity
+    teacher, student = torch.randn(50, 2), torch.randn(50, 2)
+    same = (teacher.argmax(-1) == student.argmax(-1)).sum().item()
+    assert fidelity(get_task("sst2"), teacher, student) == pytest.approx(same / 50)
+    assert fidelity(get_task("sst2"), teacher, 3 * teacher + 1) == 1.0
+    scores, other = torch.randn(50, 1), torch.randn(50, 1)
+    expected = pearsonr(scores.squeeze(-1).numpy(), (scores + other).squeeze(-1).numpy())[0]
+    assert fidelity(get_task("stsb"), scores, scores + other) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_setting_added_after_a_run_is_unchanged_only_at_its_default():
+    cfg = parse_config([])
+    saved = dataclasses.asdict(cfg)
+    del saved["augment"]  # a config.json written before --augment existed
+    assert changed_settings(saved, cfg) == {}
+    assert changed_settings(saved, dataclasses.replace(cfg, augment=2)) == {"augment": (None, 2)}
+    assert changed_settings({**saved, "lr": 1.0}, cfg) == {"lr": (1.0, cfg.lr)}
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

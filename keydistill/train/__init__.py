@@ -9,15 +9,18 @@ Stages (each resumable with --resume; finished stages are skipped):
              k-means key init, EMA passes over the keys, then values and head trained with the keys fixed.
 2. student   student_from_teacher (embeddings + every other layer, keys carried / fresh / none; a fresh or
              key-less student's decoder is fitted on its own outputs first), then distillation:
-             alpha * KD + (1 - alpha) * task + feature loss + commitment, with the teacher's logits and
-             sentence features computed once per example (no grad) and cached.
-3. test      the best student and the teacher on GLUE's labelled dev split(s).
+             alpha * KD + (1 - alpha) * task + feature loss (+ layer-by-layer loss, --hidden-weight) +
+             commitment, with the teacher's logits, sentence features (and layer outputs) computed once
+             per example (no grad) and cached; --augment N adds teacher-labelled perturbed copies of the
+             training rows (keydistill.augment).
+3. test      the best student and the teacher on GLUE's labelled dev split(s); the student's fidelity.
 
 Outputs in --output-dir: config.json, metrics.json, training_curves.png, teacher/ and student/
 (save_pretrained folders with the tokenizer), checkpoints/ (atomic safetensors), a summary on stdout.
 
 Modules: config (settings, command line, validation), context (data, teacher resolution, output folder),
-features (batches, cached encoder outputs), loop (the shared training loop), teacher, student, evaluate,
+features (batches, cached encoder outputs), loop (the shared training loop), teacher, student, targets (the
+student's transfer set and the teacher's targets on it), evaluate,
 job (the whole run and the command-line wrapper).
 """
 from keydistill.train.config import ConfigError, RunError, TrainConfig, build_parser, parse_config, validate

@@ -101,6 +101,8 @@ class TrainConfig:
     alpha: float = option(0.5, "share of the soft (teacher) loss against the hard-label loss, in [0, 1]")
     temperature: float = option(2.0, "distillation softmax temperature")
     feature_weight: float = option(1.0, "weight of the MSE toward the teacher's sentence features")
+    hidden_weight: float = option(0.0, "weight of the MSE between each student layer's output and its teacher "
+                                       "layer's, over every token (the teacher runs beside the student: slower steps)")
     commitment_weight: float = option(0.0, "weight of the student's commitment loss toward its assigned keys (off by "
                                            "default: measured on SST-2 it adds nothing beside the feature loss, and "
                                            "alone it collapses the student)")
@@ -108,6 +110,8 @@ class TrainConfig:
                                                   "so the soft and task losses reach the encoder; none: hard lookup")
     straight_through: bool = option(False, "with --soft-temperature: the forward pass stays the hard lookup, the "
                                            "backward pass takes the soft assignment's gradient")
+    augment: int = option(0, "perturbed copies of each training example added to the student's transfer set, "
+                             "labelled by the teacher (keydistill.augment); 0: the training rows only")
     student_ema: bool = option(False, "let the student's keys follow its outputs by EMA; off keeps the carried "
                                       "(or fresh) keys fixed as the target the encoder learns to hit")
     # ---- optimisation (all stages) ----
@@ -167,6 +171,15 @@ class TrainConfig:
         return [int(i) for i in self.student_layers.split(",")]
 
 
+def changed_settings(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
+    """{setting: (saved value, cfg's value)} for every setting of cfg that differs from a run's saved
+    config.json, --resume aside. A setting added after that run was written counts as unchanged at its default
+    (the default keeps the behaviour the run had)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+            if k != "resume" and saved.get(k, defaults[k]) != v}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line: one flag per config field
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="Each task runs with its recipe (keydistill.data.TASKS) on top of these "
                                             "defaults, e.g. --task rte: --max-length 128 --max-train-samples none "
-                                            "--teacher-epochs 2 --epochs 2; a flag overrides its recipe value.")
+                                            "--teacher-epochs 2 --epochs 2 --hidden-weight 5; a flag overrides its recipe value.")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -244,13 +257,13 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     """Every setting that is impossible or contradictory on its own (the data and the teacher are checked
     once loaded, before any training: see stages.setup)."""
     problems = _at_least(cfg, 1, "epochs", "bottleneck_epochs", "batch_size", "grad_accum", "eval_batch_size")
-    problems += _at_least(cfg, 0, "teacher_epochs", "key_passes", "checkpoint_every", "eval_every", "seed")
+    problems += _at_least(cfg, 0, "teacher_epochs", "key_passes", "augment", "checkpoint_every", "eval_every", "seed")
     problems += _at_least(cfg, 1, "val_size", "max_train_samples", "max_eval_samples", "num_heads", "num_keys",
                           allow_none=True)
     problems += _at_least(cfg, 1, "kmeans_samples")
     problems += _at_least(cfg, 2, "max_length")  # room for [CLS] and [SEP]
     problems += _positive_finite(cfg, "lr", "teacher_lr", "bottleneck_lr", "temperature", "dist_timeout")
-    problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "commitment_weight")
+    problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "hidden_weight", "commitment_weight")
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
@@ -279,7 +292,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
 def _encoder_gradient_problems(cfg: TrainConfig) -> list[str]:
     """Under the hard lookup the soft and task losses stop at the values (and, for a fair ablation, at a
     key-less student's head too): the encoder then learns only from the feature and commitment losses."""
-    if cfg.soft_temperature is not None or cfg.feature_weight > 0 or (cfg.keys != "none" and cfg.commitment_weight > 0):
+    if (cfg.soft_temperature is not None or cfg.feature_weight > 0 or cfg.hidden_weight > 0
+            or (cfg.keys != "none" and cfg.commitment_weight > 0)):
         return []
     paths = "the feature loss" + ("" if cfg.keys == "none" else " and the commitment loss")
     return [f"the student encoder would get no gradient: with the hard lookup it learns only from {paths}, whose "

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,8 @@ from keydistill.checkpoint import write_json
 from keydistill.data import CustomDataset, GlueTask, get_task, load_task
 from keydistill.models.classifiers import is_checkpoint, read_checkpoint_config
 from keydistill.train import distributed
-from keydistill.train.config import BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig, validate
+from keydistill.train.config import (BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig,
+                                     changed_settings, validate)
 from keydistill.train.distributed import Dist
 
 # What a finished or interrupted run leaves in its output folder; a new run (without --resume) replaces it.
@@ -40,6 +41,7 @@ class Run:
     tests: dict[str, CustomDataset]
     progress: dict  # stage name -> result, for finished stages (progress.json)
     ranks: Dist = distributed.SINGLE  # this process's place among the data-parallel ranks
+    train_examples: list = field(default_factory=list)  # run.train's texts and labels (for --augment)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -88,7 +90,7 @@ def setup(cfg: TrainConfig) -> Run:
     distributed.barrier("output folder ready")  # the other ranks read what rank 0 prepared
     if progress is None:
         progress = read_progress(cfg)
-    return Run(cfg, task, device, tokenizer, bottleneck, train, val, tests, progress, ranks)
+    return Run(cfg, task, device, tokenizer, bottleneck, train, val, tests, progress, ranks, data.train)
 
 
 def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> None:
@@ -179,9 +181,7 @@ def prepare_output_dir(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
     if cfg.resume and saved.exists():
-        before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "resume"}
-        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        changed = changed_settings(json.loads(saved.read_text()), cfg)
         if changed:
             raise RunError(f"--resume with settings that differ from {saved}: "
                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))

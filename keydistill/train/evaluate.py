@@ -49,6 +49,16 @@ def score(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> dict[st
     return compute_metrics(task, predictions.cpu().numpy(), labels.cpu().numpy())
 
 
+def fidelity(task: GlueTask, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
+    """How closely the student reproduces the teacher's answers: the share of examples where both predict the
+    same class, or for regression the Pearson correlation of their scores (what a student/teacher ratio of
+    a task metric measures only indirectly, and noisily on small test sets)."""
+    if task.is_regression:
+        scores = torch.stack([teacher_logits.squeeze(-1), student_logits.squeeze(-1)]).double()
+        return float(torch.corrcoef(scores)[0, 1])
+    return float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).double().mean())
+
+
 def evaluator(run, model, dataset, collate) -> Callable[[], dict[str, float]]:
     return lambda: score(run.task, predict(run, model, dataset, collate).logits, dataset.labels)
 

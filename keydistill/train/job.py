@@ -14,7 +14,7 @@ from keydistill.ops import BackendUnavailable
 from keydistill.train import distributed
 from keydistill.train.config import RunError, TrainConfig, parse_config
 from keydistill.train.context import setup
-from keydistill.train.evaluate import codebook_report, predict, score
+from keydistill.train.evaluate import codebook_report, fidelity, predict, score
 from keydistill.train.student import student_stage
 from keydistill.train.teacher import teacher_stage
 
@@ -22,8 +22,9 @@ STAGES = ("teacher_finetune", "teacher_bottleneck", "student_decoder", "student"
 
 
 def test_stage(run, teacher, student) -> tuple[dict, dict, dict]:
-    """Metrics of both models on val and every test split, the codebook report on the first test split, and
-    each model's inference speed there (examples/s at the evaluation batch size)."""
+    """Metrics of both models on val and every test split, the student's fidelity to the teacher and the
+    codebook report on the first test split, and each model's inference speed there (examples/s at the
+    evaluation batch size)."""
     collate = Collator(run.tokenizer.pad_token_id)
     results, primary, speed = {}, {}, {}
     for name, model in (("teacher", teacher), ("student", student)):
@@ -39,6 +40,7 @@ def test_stage(run, teacher, student) -> tuple[dict, dict, dict]:
             results[name][split] = score(run.task, pred.logits, dataset.labels)
         if "test" not in results[name]:  # mnli: the matched split is "test"
             results[name]["test"] = results[name][next(iter(run.tests))]
+    results["fidelity"] = fidelity(run.task, primary["teacher"].logits, primary["student"].logits)
     return results, codebook_report(teacher, student, primary["teacher"], primary["student"], run.cfg.keys), speed
 
 
@@ -52,6 +54,7 @@ def run_all(cfg: TrainConfig) -> dict:
     results, codebook, speed = test_stage(run, teacher, student)
     history = [entry for name in STAGES for entry in run.progress.get(name, {}).get("history", [])]
     metrics = {"task": run.task.name, "teacher": results["teacher"], "student": results["student"],
+               "fidelity": results["fidelity"],
                "history": history, "codebook": codebook,
                "steps_to_best_val": student_result["best_step"],
                "curves": {name: run.progress[name]["curve"] for name in STAGES if name in run.progress},

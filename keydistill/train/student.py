@@ -19,9 +19,10 @@ from keydistill.data import Collator
 from keydistill.losses import DistillationWeights, distillation_loss, sentence_features
 from keydistill.models import student_from_teacher
 from keydistill.train import distributed
-from keydistill.train.evaluate import evaluator, predict
-from keydistill.train.features import FeatureDataset, collate_features, encode
+from keydistill.train.evaluate import evaluator
+from keydistill.train.features import FeatureDataset, encode
 from keydistill.train.loop import Stage, fit, trainable
+from keydistill.train.targets import LayerMatch, transfer_set
 from keydistill.train.teacher import fit_decoder, save_model
 
 
@@ -37,20 +38,26 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
         # Carried keys chasing the untrained student's outputs would forget the teacher's codebook.
         student.bottleneck.freeze_keys()
     # The teacher's soft targets and features, once per training example, without gradients.
-    teacher_logits = predict(run, teacher, teacher_train, collate_features).logits
-    teacher_features = teacher_train.pooled()
+    transfer, teacher_logits, teacher_features = transfer_set(run, teacher, teacher_train)
     weights = DistillationWeights(cfg.alpha, cfg.temperature, cfg.feature_weight)
     # Under the hard lookup the soft and task losses stop at the values; a head without keys must stop there too.
     detach_head = student.bottleneck is None and cfg.soft_temperature is None
+
+    layers = (LayerMatch(student, teacher, cfg.layers(teacher.config.num_hidden_layers)).cache(run, transfer)
+              if cfg.hidden_weight else None)
 
     def loss(trainer, batch):
         out = trainer(batch, detach_head=detach_head)
         features = sentence_features(out.hidden_states, batch["attention_mask"], run.pooling)
         index = batch["index"]
-        return distillation_loss(out, teacher_logits[index], teacher_features[index], features, weights)
+        terms = distillation_loss(out, teacher_logits[index], teacher_features[index], features, weights)
+        if layers is not None:
+            terms["hidden"] = layers.loss(batch)
+            terms["total"] = terms["total"] + cfg.hidden_weight * terms["hidden"]
+        return terms
 
     collate = Collator(run.tokenizer.pad_token_id)
-    result = fit(run, Stage("student", student, trainable(student, cfg), cfg.epochs, cfg.lr, run.train, collate,
+    result = fit(run, Stage("student", student, trainable(student, cfg), cfg.epochs, cfg.lr, transfer, collate,
                             loss, evaluator(run, student, run.val, collate)))
     save_model(run, student, cfg.out / "student")
     return student, result
