@@ -166,13 +166,16 @@ def teacher_without_dropout(tiny, no_dropout, tmp_path_factory):
     return out / "teacher"
 
 
-@pytest.mark.parametrize("extra, steps", [([], 14), (["--hidden-weight", "1", "--augment", "1"], 28)])
+# Second case: the augmented copies and the teacher's layer outputs are computed in shares and gathered. Its
+# weights are compared to one Adam step (lr 1e-3): there, near-zero gradients (attention keys, rare positions)
+# take lr-sized steps of either sign under rounding; a wrong gather would move them by many steps.
+@pytest.mark.parametrize("extra, steps, weight_atol", [([], 14, 1e-5),
+                                                       (["--hidden-weight", "1", "--augment", "1"], 28, 1e-3)])
 def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teacher_without_dropout, tmp_path, extra,
-                                                                    steps):
+                                                                    steps, weight_atol):
     # The soft assignment keeps the loss continuous in the student's outputs: under the hard lookup, rounding
     # differences from the order of the gradient sums can flip a rare near-tie lookup and change that
     # example's loss by a step, which no tolerance for reduction order should have to absorb.
-    # The second case: the augmented copies and the teacher's layer outputs are computed in shares and gathered.
     args = ["--teacher-checkpoint", str(teacher_without_dropout), "--soft-temperature", "1.0", "--epochs", "2", *extra]
     two = torchrun(train_args(tiny, teacher_without_dropout, tmp_path / "two", 4, *args))
     alone(train_args(tiny, teacher_without_dropout, tmp_path / "one", 8, *args))
@@ -184,12 +187,14 @@ def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teache
     torch.testing.assert_close(torch.tensor([v for _, v in two_curve]), torch.tensor([v for _, v in one_curve]),
                                rtol=5e-5, atol=1e-5)
     for one_e, two_e in zip(one_m["history"], two_m["history"]):
-        assert two_e["loss"] == pytest.approx(one_e["loss"], rel=1e-5) and two_e["val"] == one_e["val"]
+        # epoch means of losses near 1e-3: reduction order moves them by a few 1e-7
+        assert two_e["loss"] == pytest.approx(one_e["loss"], rel=1e-5, abs=1e-6) and two_e["val"] == one_e["val"]
     final = [load_file(str(tmp_path / d / "checkpoints" / "student.latest.safetensors")) for d in ("one", "two")]
     weights = [k for k in final[0] if k.startswith("model.")]
     assert len(weights) > 40  # every tensor of the 2-layer student
     for name in weights:
-        torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-4, atol=weight_atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_kill_9_of_one_rank_then_resume_on_two_ranks_matches_an_uninterrupted_run(tiny, tmp_path):
