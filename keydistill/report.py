@@ -24,7 +24,7 @@ def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:
     if teacher_test:
         lines.append(f"student / teacher test {primary}: {metrics['student']['test'][primary] / teacher_test:.1%}")
     if "fidelity" in metrics:  # runs before it was measured lack it
-        what = "score correlation" if len(metric_names) == 2 and "pearson" in metric_names else "same prediction"
+        what = "score correlation" if "pearson" in metric_names else "same prediction"
         lines.append(f"student fidelity to the teacher on test ({what}): {metrics['fidelity']:.1%}")
     codebook = metrics["codebook"]
     for model in ("teacher", "student"):

@@ -102,7 +102,7 @@ class TrainConfig:
     temperature: float = option(2.0, "distillation softmax temperature")
     feature_weight: float = option(1.0, "weight of the MSE toward the teacher's sentence features")
     hidden_weight: float = option(0.0, "weight of the MSE between each student layer's output and its teacher "
-                                       "layer's, over every token (the teacher runs beside the student: slower steps)")
+                                       "layer's, over every token (the teacher's layer outputs are computed once, before training)")
     commitment_weight: float = option(0.0, "weight of the student's commitment loss toward its assigned keys (off by "
                                            "default: measured on SST-2 it adds nothing beside the feature loss, and "
                                            "alone it collapses the student)")

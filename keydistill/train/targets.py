@@ -50,13 +50,13 @@ class LayerMatch:
 
     def teacher_outputs(self, run, dataset) -> list[torch.Tensor]:
         """Per example, [its tokens, len(teacher_layers), dim] in float16 on the CPU."""
-        kept = {}
+        kept, lengths = {}, dataset.lengths()
         for indices, batch in sharded(run, dataset, Collator(run.tokenizer.pad_token_id), run.cfg.eval_batch_size,
                                       "teacher layer outputs"):
             with run.autocast():
                 states = self.teacher_states(batch).half().cpu()
             for row, i in enumerate(indices):
-                kept[i] = states[row, :len(dataset[i]["input_ids"])].clone()
+                kept[i] = states[row, :lengths[i]].clone()
         return gathered(run, kept, len(dataset), "gather teacher layer outputs")
 
     def loss(self, batch: dict) -> torch.Tensor:
