@@ -77,6 +77,18 @@ def test_cached_teacher_outputs_give_the_loss_the_running_teacher_gives(tiny, tm
         torch.testing.assert_close(cached.loss(batch), running.loss(batch), rtol=2e-3, atol=1e-6)
 
 
+def test_outputs_too_large_to_cache_are_announced_and_computed_per_batch(tiny, tmp_path, monkeypatch, capsys):
+    from keydistill.train import parse_config
+    from keydistill.train.context import setup
+    from train_fixtures import tiny_args
+    run = setup(parse_config(tiny_args(tiny, tmp_path)))
+    teacher = tiny_teacher_for(run)
+    monkeypatch.setattr(LayerMatch, "CACHE_BYTES", 1)
+    match = LayerMatch(student_from_teacher(teacher, layers=[1, 3]), teacher, [1, 3]).cache(run, run.train)
+    assert match.cached is None
+    assert "the teacher runs beside the student on every batch" in capsys.readouterr().out
+
+
 def tiny_teacher_for(run):
     """A random teacher on the run's tokenizer (the tiny BERT of the fixture), scaled so layers differ."""
     from keydistill.models import BertWithKeyBottleneck

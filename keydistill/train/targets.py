@@ -32,8 +32,12 @@ class LayerMatch:
 
     def cache(self, run, dataset) -> "LayerMatch":
         """Compute the teacher's layer outputs on every example of dataset now, if they fit in CACHE_BYTES."""
-        if sum(dataset.lengths()) * len(self.teacher_layers) * self.teacher.hidden_size * 2 <= self.CACHE_BYTES:
+        size = sum(dataset.lengths()) * len(self.teacher_layers) * self.teacher.hidden_size * 2
+        if size <= self.CACHE_BYTES:
             self.cached = self.teacher_outputs(run, dataset)
+        elif run.ranks.main:
+            print(f"--hidden-weight: the teacher's layer outputs would take {size / 2**30:.1f} GiB (cache limit "
+                  f"{self.CACHE_BYTES / 2**30:.0f} GiB): the teacher runs beside the student on every batch")
         return self
 
     def keep(self, j: int):
