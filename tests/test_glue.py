@@ -1,11 +1,13 @@
 """python -m keydistill.glue on tiny data: every task found runs, a broken one is reported and skipped, the
 table is written in three forms, and a re-run reuses finished tasks."""
 import json
+import os
 
 import pytest
 
 from keydistill import glue
 from keydistill.data import TASKS
+from test_data import SHARED_GLUE
 from train_fixtures import tiny_args
 
 
@@ -44,13 +46,17 @@ def test_the_table_has_teacher_student_and_share_rows(table):
     out = table[0]
     text = (out / "glue.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert {"teacher", "student", "student / teacher", "student fidelity", "majority class"} <= set(rows)
+    assert {"teacher", "student", "student / teacher", "student fidelity", "majority class (train's)",
+            "majority class (test's)"} <= set(rows)
     fidelity = [r["fidelity"] for r in json.loads((out / "glue.json").read_text())["tasks"]]
     assert rows["student fidelity"].split("|")[3:5] == [f" {f:.1%} " for f in fidelity]
     assert "SST-2" in text and "STS-B (pearson/spearman)" in text and "published" in text
     summary = json.loads((out / "glue.json").read_text())["summary"]
     assert summary["share"] == pytest.approx(summary["student"] / summary["teacher"])
-    assert f"{summary['share']:.1%}" in rows["student / teacher"]
+    assert f"{summary['share']:.2%}" in rows["student / teacher"]  # 96.98% is not shown as 97.0%
+    sst2 = json.loads((out / "glue.json").read_text())["tasks"][0]
+    # the test split's own majority is the best constant: never below the train majority's accuracy
+    assert sst2["test_majority"]["test"]["accuracy"] >= sst2["majority"]["test"]["accuracy"]
     assert (out / "glue.png").stat().st_size > 10_000
 
 
@@ -64,6 +70,8 @@ def test_a_rerun_reuses_finished_tasks(table, capsys):
     assert glue.main([*argv, "--tasks", "sst2,stsb"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reusing the finished run") == 2
+    minutes = json.loads((out / "glue.json").read_text())["summary"]["minutes"]
+    assert minutes > 0 and f"the tasks' own runs took {minutes:.1f} min in all" in printed  # not this call's 0.0
     after = json.loads((out / "glue.json").read_text())["tasks"]
     assert [(r["teacher"], r["student"]) for r in after] == [(r["teacher"], r["student"]) for r in before]
 
@@ -86,3 +94,14 @@ def test_task_scores_follow_glue():
     mnli = {"test": {"accuracy": 0.7}, "test_matched": {"accuracy": 0.7}, "test_mismatched": {"accuracy": 0.6}}
     assert glue.task_score("mnli", mnli) == pytest.approx(65.0)  # matched and mismatched, the alias not twice
     assert glue.cell("cola", {"test": {"mcc": 0.4, "accuracy": 0.8}}) == "40.0"
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_GLUE), reason="the shared GLUE folder is not next to this checkout")
+def test_wnli_reports_both_majority_baselines():
+    """WNLI's dev set is adversarial: train's majority class scores 43.7 on it, dev's own majority 56.3 (the
+    figure GLUE quotes); the table shows both."""
+    from keydistill.train import TrainConfig
+    of_train, of_test = glue.majority_baselines(TrainConfig(task="wnli", data_dir=SHARED_GLUE))
+    assert round(100 * of_train["test"]["accuracy"], 1) == 43.7
+    assert round(100 * of_test["test"]["accuracy"], 1) == 56.3
+    assert glue.majority_baselines(TrainConfig(task="stsb", data_dir=SHARED_GLUE)) == (None, None)
