@@ -120,6 +120,19 @@ def test_chunks_cover_a_global_batch_once():
     assert [chunk([5], Dist(r, 2)) for r in range(2)] == [[], [5]]
 
 
+def test_gathered_values_land_where_asked(monkeypatch):
+    """Other ranks' evaluation outputs come back through the CPU: they go to the run's device by default, and
+    stay on the CPU when asked (the teacher's layer-output cache, up to 2 GiB, must not fill an accelerator)."""
+    from types import SimpleNamespace
+    from keydistill.train import distributed, features
+    shares = [{0: torch.zeros(2)}, {1: torch.ones(3)}]
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda part, name: shares)
+    run = SimpleNamespace(ranks=Dist(0, 2), device=torch.device("meta"))  # meta: an accelerator stand-in
+    assert [v.device.type for v in features.gathered(run, shares[0], 2, "test")] == ["meta", "meta"]
+    kept = features.gathered(run, shares[0], 2, "test", store=torch.device("cpu"))
+    assert [v.device.type for v in kept] == ["cpu", "cpu"] and [len(v) for v in kept] == [2, 3]
+
+
 # ---- whole runs under torchrun ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

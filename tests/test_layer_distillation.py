@@ -72,6 +72,8 @@ def test_cached_teacher_outputs_give_the_loss_the_running_teacher_gives(tiny, tm
     student = student_from_teacher(teacher, layers=[1, 3]).eval()
     running, cached = LayerMatch(student, teacher, [1, 3]), LayerMatch(student, teacher, [1, 3]).cache(run, run.train)
     assert running.cached is None and len(cached.cached) == len(run.train)
+    assert {(t.device.type, t.dtype) for t in cached.cached} == {("cpu", torch.float16)}
+    assert [len(t) for t in cached.cached] == run.train.lengths()  # each example's real tokens, no padding
     for _, batch in batches_on(run.device, run.train, Collator(run.tokenizer.pad_token_id), [[0, 5, 9], [3, 1]]):
         student(batch["input_ids"], batch["attention_mask"])
         torch.testing.assert_close(cached.loss(batch), running.loss(batch), rtol=2e-3, atol=1e-6)

@@ -71,28 +71,41 @@ def sharded(run, dataset, collate, batch_size: int, desc: str | None = None):
     return progress_bar(items, total=len(batches), desc=desc, unit="batch") if desc else items
 
 
-def gathered(run, per_example: dict, size: int, name: str) -> list:
-    """{example index: value} from this rank -> [value per example] from every rank, in dataset order."""
+def gathered(run, per_example: dict, size: int, name: str, store: torch.device | None = None) -> list:
+    """{example index: value} from this rank -> [value per example] from every rank, in dataset order; other
+    ranks' values land on store (default the run's device)."""
     if run.ranks.active:
         merged = {}
         for part in distributed.all_gather_objects({i: v.cpu() for i, v in per_example.items()}, name):
             merged.update(part)
-        per_example = {i: v.to(run.device) for i, v in merged.items()}
+        per_example = {i: v.to(store or run.device) for i, v in merged.items()}
     return [per_example[i] for i in range(size)]
 
 
 @torch.no_grad()
+def per_example(run, dataset: CustomDataset, outputs, kept, desc: str, store: torch.device | None = None) -> list:
+    """[kept(outputs(batch), row, i, batch) for each example i], in dataset order: outputs runs (under autocast)
+    on this rank's share of evaluation batches, kept takes example i (batch row `row`) from them, and the
+    ranks' shares are gathered on each. store: where kept tensors live (default the run's device)."""
+    values = {}
+    for indices, batch in sharded(run, dataset, Collator(run.tokenizer.pad_token_id), run.cfg.eval_batch_size, desc):
+        with run.autocast():
+            out = outputs(batch)
+        for row, i in enumerate(indices):
+            values[i] = kept(out, row, i, batch).clone()  # a copy: a view would keep the whole batch alive
+    return gathered(run, values, len(dataset), f"gather {desc}", store)
+
+
 def encode(run, model, dataset: CustomDataset, desc: str) -> FeatureDataset:
     """The model's encoder outputs at its bottleneck's kept positions, per example, in dataset order
     (computed in shares by the data-parallel ranks, then gathered on each)."""
     model.eval()
-    features = {}
-    collate = Collator(run.tokenizer.pad_token_id)
     cls_only = pooling_of(model) == "cls"
-    for indices, batch in sharded(run, dataset, collate, run.cfg.eval_batch_size, desc):
-        with run.autocast():
-            hidden = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).hidden_states
-        for row, i in enumerate(indices):
-            kept = hidden[row, :1] if cls_only else hidden[row][batch["attention_mask"][row].bool()]
-            features[i] = kept.float().clone()
-    return FeatureDataset(gathered(run, features, len(dataset), f"gather {desc}"), dataset.labels.to(run.device))
+
+    def hidden_states(batch):
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).hidden_states
+
+    def kept(hidden, row, i, batch):
+        return (hidden[row, :1] if cls_only else hidden[row][batch["attention_mask"][row].bool()]).float()
+
+    return FeatureDataset(per_example(run, dataset, hidden_states, kept, desc), dataset.labels.to(run.device))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from keydistill.augment import perturbed_copies
-from keydistill.data import Collator, CustomDataset, Example
+from keydistill.data import CustomDataset, Example
 from keydistill.losses import hidden_state_loss
 from keydistill.train.evaluate import predict
-from keydistill.train.features import FeatureDataset, collate_features, encode, gathered, sharded
+from keydistill.train.features import FeatureDataset, collate_features, encode, per_example
 
 
 class LayerMatch:
@@ -53,15 +53,12 @@ class LayerMatch:
         return torch.stack([states[i + 1] for i in self.teacher_layers], dim=2)  # [0] is the embeddings
 
     def teacher_outputs(self, run, dataset) -> list[torch.Tensor]:
-        """Per example, [its tokens, len(teacher_layers), dim] in float16 on the CPU."""
-        kept, lengths = {}, dataset.lengths()
-        for indices, batch in sharded(run, dataset, Collator(run.tokenizer.pad_token_id), run.cfg.eval_batch_size,
-                                      "teacher layer outputs"):
-            with run.autocast():
-                states = self.teacher_states(batch).half().cpu()
-            for row, i in enumerate(indices):
-                kept[i] = states[row, :lengths[i]].clone()
-        return gathered(run, kept, len(dataset), "gather teacher layer outputs")
+        """Per example, [its tokens, len(teacher_layers), dim] in float16 on the CPU (so up to CACHE_BYTES of
+        them never sit on an accelerator)."""
+        lengths = dataset.lengths()
+        return per_example(run, dataset, lambda batch: self.teacher_states(batch).half().cpu(),
+                           lambda states, row, i, batch: states[row, :lengths[i]], "teacher layer outputs",
+                           store=torch.device("cpu"))
 
     def loss(self, batch: dict) -> torch.Tensor:
         if self.cached is None:
