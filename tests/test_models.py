@@ -88,11 +88,11 @@ def test_default_student_takes_every_other_layer_and_folds_token_types(seed):
     teacher = tiny_teacher()
     report = transfer_weights(teacher, student := DistilBertWithKeyBottleneck(
         student_config_from_teacher(teacher.config, num_layers=2), teacher.bottleneck.config, 3))
-    assert report["layers"] == [0, 2] and report["skipped"] == []
+    assert report["layers"] == [1, 3] and report["skipped"] == []  # every other layer, ending at the top one
     t, s = teacher.state_dict(), student.state_dict()
     emb = "encoder.embeddings."
     assert torch.equal(s[emb + "word_embeddings.weight"], t[emb + "word_embeddings.weight"] + t[emb + "token_type_embeddings.weight"][0])
-    for j, i in enumerate([0, 2]):
+    for j, i in enumerate([1, 3]):
         for bert_name, distil_name in LAYER_NAME_MAP.items():
             assert torch.equal(s[f"encoder.transformer.layer.{j}.{distil_name}.weight"], t[f"encoder.encoder.layer.{i}.{bert_name}.weight"])
     for name in ("head.weight", "head.bias", "bottleneck.values"):
