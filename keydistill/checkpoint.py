@@ -31,9 +31,11 @@ def write_json(path: str | Path, data) -> None:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, record: dict,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write model (+ optimizer and RNG states when an optimizer is given) and a JSON record, atomically."""
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model (+ optimizer and RNG states when an optimizer is given, + extra tensors under their own
+    names, e.g. averaged weights) and a JSON record, atomically."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({k: v.detach().contiguous() for k, v in (extra or {}).items()})
     record = dict(record)
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -52,6 +54,13 @@ def read_record(path: str | Path) -> dict:
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()[_RECORD])
+
+
+def read_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose names start with prefix (extra tensors of save_checkpoint)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,

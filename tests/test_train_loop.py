@@ -70,9 +70,11 @@ def teacher_dir(tiny, tmp_path_factory):
     return str(out / "teacher")
 
 
-def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_dir, tmp_path, monkeypatch):
-    # eval_every puts "best" writes mid-epoch, between "latest" writes: the order the loop must get right
-    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2", "--eval-every", "3"]
+@pytest.mark.parametrize("extra", [[], ["--weight-average", "0.7"]], ids=["trained", "averaged"])
+def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_dir, tmp_path, monkeypatch, extra):
+    # eval_every puts "best" writes mid-epoch, between "latest" writes: the order the loop must get right;
+    # a weight average must survive the kill too (it lives in the latest checkpoint)
+    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2", "--eval-every", "3", *extra]
     real = checkpoint._replace_atomically
     written = []
 
@@ -102,3 +104,49 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_
         assert resumed["student"] == whole["student"], where
         assert resumed["steps_to_best_val"] == whole["steps_to_best_val"], where
         assert [e["val"] for e in resumed["history"]] == [e["val"] for e in whole["history"]], where
+
+
+def test_weight_average_follows_the_weights_and_swaps_back(seed):
+    """average <- decay * average + (1 - decay) * weights (float64 reference), and swapped_in puts the trained
+    weights back bit for bit, also when the block raises."""
+    from keydistill.train.averaging import WeightAverage
+    params = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(5))]
+    average = WeightAverage(params, decay=0.8)
+    reference = [p.detach().double().clone() for p in params]
+    for _ in range(4):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        average.update()
+        reference = [0.8 * r + 0.2 * p.detach().double() for r, p in zip(reference, params)]
+    for a, r in zip(average.average, reference):
+        torch.testing.assert_close(a.double(), r, rtol=1e-6, atol=1e-6)
+    trained = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError):
+        with average.swapped_in():
+            assert all(torch.equal(p, a) for p, a in zip(params, average.average))
+            raise RuntimeError("validation failed")
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    again = WeightAverage(params, decay=0.8)
+    again.load(average.tensors())  # what a resumed run reads from its checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(again.average, average.average))
+
+
+def test_the_student_kept_is_the_weight_average_and_training_is_unchanged(tiny, teacher_dir, tmp_path):
+    """With --weight-average the validated and saved student is the average of its weights (one validation,
+    so the best is the last), while the optimizer trains exactly as without it."""
+    from safetensors.torch import load_file
+    from keydistill.models import load_model
+    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "1"]
+    plain = run_all(parse_config(tiny_args(tiny, tmp_path / "plain", *args)))
+    averaged = run_all(parse_config(tiny_args(tiny, tmp_path / "averaged", *args, "--weight-average", "0.5")))
+    assert averaged["curves"]["student"] == plain["curves"]["student"]  # training is not touched
+    latest = load_file(str(tmp_path / "averaged" / "checkpoints" / "student.latest.safetensors"))
+    student = load_model(tmp_path / "averaged" / "student")
+    # the trained parameters, in order: all but the frozen word embeddings
+    names = [n for n, _ in student.named_parameters() if n != "encoder.embeddings.word_embeddings.weight"]
+    assert len(names) == sum(k.startswith("average.") for k in latest)
+    params = dict(student.named_parameters())
+    for i, name in enumerate(names):
+        assert torch.equal(params[name].detach(), latest[f"average.{i}"]), name
+    assert any(not torch.equal(latest[f"average.{i}"], latest[f"model.{name}"]) for i, name in enumerate(names))

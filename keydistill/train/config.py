@@ -113,6 +113,9 @@ class TrainConfig:
                                            "backward pass takes the soft assignment's gradient")
     augment: int = option(0, "perturbed copies of each training example added to the student's transfer set, "
                              "labelled by the teacher (keydistill.augment); 0: the training rows only")
+    weight_average: float = option(0.0, "validate and keep an exponential moving average of the student's weights, "
+                                        "with this decay per optimizer step (e.g. 0.995: about the last 200 steps; "
+                                        "keydistill.train.averaging); 0: the trained weights")
     student_ema: bool = option(False, "let the student's keys follow its outputs by EMA; off keeps the carried "
                                       "(or fresh) keys fixed as the target the encoder learns to hit")
     # ---- optimisation (all stages) ----
@@ -266,6 +269,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "hidden_weight", "commitment_weight")
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+    if not 0.0 <= cfg.weight_average < 1.0:
+        problems.append(f"--weight-average must lie in [0, 1), got {cfg.weight_average}")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         problems.append(f"--warmup-ratio must lie in [0, 1), got {cfg.warmup_ratio}")
     if cfg.teacher_encoder == "finetune" and cfg.teacher_epochs < 1 and not cfg.teacher_checkpoint:

@@ -21,10 +21,11 @@ from typing import Callable
 
 import torch
 from torch import nn
-from keydistill.checkpoint import load_checkpoint, read_record, save_checkpoint
+from keydistill.checkpoint import load_checkpoint, read_record, read_tensors, save_checkpoint
 from keydistill.data import length_bucketed_batches
 from keydistill.optim import clip_grad_norm_, make_optimizer
 from keydistill.train import distributed
+from keydistill.train.averaging import PREFIX, WeightAverage
 from keydistill.train.features import batches_on, forward, progress_bar
 
 
@@ -40,6 +41,7 @@ class Stage:
     # (trainer, batch) -> {"total": ..., other terms}; trainer(batch, ...) is BatchForward's forward
     loss: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
     validate: Callable[[], dict[str, float]]
+    average: float = 0.0  # decay of the weight average validated and kept (keydistill.train.averaging); 0: none
 
 
 def learning_rate(cfg, peak: float, step: int, total: int) -> float:
@@ -143,6 +145,7 @@ def fit(run, stage: Stage) -> dict:
         return run.progress[stage.name]
     # AdamW (fused where torch has it); row-sparse value gradients step only their rows (keydistill.optim)
     optimizer = make_optimizer(param_groups(stage.model, stage.params, cfg.weight_decay), lr=stage.lr)
+    average = WeightAverage(stage.params, stage.average) if stage.average else None
     lengths = stage.dataset.lengths()
     global_batch = cfg.batch_size * ranks.world
     total_steps = stage.epochs * math.ceil(math.ceil(len(lengths) / global_batch) / cfg.grad_accum)
@@ -150,17 +153,28 @@ def fit(run, stage: Stage) -> dict:
              "sums": {}, "count": 0, "seconds": 0.0}
     if cfg.resume and latest.exists():
         state = load_checkpoint(latest, stage.model, optimizer)["state"]
+        if average is not None:
+            average.load(read_tensors(latest, PREFIX))
         if best.exists():  # the best checkpoint may be newer than the latest one's record of it
             record = read_record(best)
             state["best_val"], state["best_step"] = record["val"], record["step"]
     trainer = trainer_for(run, stage.model)
 
-    def consider(val: dict) -> None:
-        """Keep the weights when validation improves (ties keep the earlier, cheaper ones)."""
-        if state["best_val"] is None or val[metric] > state["best_val"][metric]:
-            state["best_val"], state["best_step"] = val, state["step"]
-            if ranks.main:
-                save_checkpoint(best, stage.model, {"step": state["step"], "val": val})
+    def validate() -> dict:
+        """Validate the weights the stage keeps (the average, with --weight-average); keep them when
+        validation improves (ties keep the earlier, cheaper ones)."""
+        with average.swapped_in() if average is not None else nullcontext():
+            val = stage.validate()
+            if state["best_val"] is None or val[metric] > state["best_val"][metric]:
+                state["best_val"], state["best_step"] = val, state["step"]
+                if ranks.main:
+                    save_checkpoint(best, stage.model, {"step": state["step"], "val": val})
+        return val
+
+    def save_latest() -> None:
+        if ranks.main:
+            save_checkpoint(latest, stage.model, {"state": state}, optimizer,
+                            average.tensors() if average is not None else None)
 
     for epoch in range(state["epoch"], stage.epochs):
         batches = length_bucketed_batches(lengths, global_batch, cfg.seed, epoch)
@@ -196,6 +210,8 @@ def fit(run, stage: Stage) -> dict:
                 clip_grad_norm_(stage.params, cfg.grad_clip)  # torch's, without copying sparse gradients
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             step_sums = summed_across_ranks(step_sums, ranks, run.device)
             examples = step_sums.pop("examples")
             for k, v in step_sums.items():
@@ -206,17 +222,15 @@ def fit(run, stage: Stage) -> dict:
             state["batch"] = i + 1
             step_sums = {}
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                consider(stage.validate())
+                validate()
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and i + 1 < len(batches):
                 state["seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
-                if ranks.main:
-                    save_checkpoint(latest, stage.model, {"state": state}, optimizer)
+                save_latest()
         bar.close()
         # ---- end of epoch: validate, keep the best, record, checkpoint ----
         state["seconds"] += time.perf_counter() - started
-        val = stage.validate()
-        consider(val)
+        val = validate()
         state["history"].append({"stage": stage.name, "epoch": epoch + 1, "step": state["step"],
                                  "loss": {k: v / max(1, state["count"]) for k, v in state["sums"].items()},
                                  "val": val, "examples_per_s": state["count"] / max(state["seconds"], 1e-9),
@@ -224,8 +238,7 @@ def fit(run, stage: Stage) -> dict:
         print(f"{stage.name} epoch {epoch + 1}: loss {state['history'][-1]['loss']['total']:.4f}, "
               f"val {metric} {val[metric]:.4f}, {state['history'][-1]['examples_per_s']:.1f} ex/s")
         state.update(epoch=epoch + 1, batch=0, sums={}, count=0, seconds=0.0)
-        if ranks.main:
-            save_checkpoint(latest, stage.model, {"state": state}, optimizer)
+        save_latest()
     distributed.barrier(f"{stage.name}: best checkpoint written")
     load_checkpoint(best, stage.model)
     result = {k: state[k] for k in ("history", "curve", "best_val", "best_step")}

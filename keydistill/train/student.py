@@ -58,7 +58,7 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
 
     collate = Collator(run.tokenizer.pad_token_id)
     result = fit(run, Stage("student", student, trainable(student, cfg), cfg.epochs, cfg.lr, transfer, collate,
-                            loss, evaluator(run, student, run.val, collate)))
+                            loss, evaluator(run, student, run.val, collate), average=cfg.weight_average))
     save_model(run, student, cfg.out / "student")
     return student, result
 
