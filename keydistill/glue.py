@@ -236,7 +236,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
                    marker="_", s=400, color=color, label=label)
     ax.set(xticks=x, xticklabels=labels, ylabel="GLUE score (points)",
            title=f"keydistill on GLUE: the student keeps {summary['share']:.2%} of the teacher's score")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the bars fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
