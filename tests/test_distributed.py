@@ -179,11 +179,12 @@ def teacher_without_dropout(tiny, no_dropout, tmp_path_factory):
     return out / "teacher"
 
 
-# Second case: the augmented copies and the teacher's layer outputs are computed in shares and gathered. Its
-# weights are compared to one Adam step (lr 1e-3): there, near-zero gradients (attention keys, rare positions)
-# take lr-sized steps of either sign under rounding; a wrong gather would move them by many steps.
-@pytest.mark.parametrize("extra, steps, weight_atol", [([], 14, 1e-5),
-                                                       (["--hidden-weight", "1", "--augment", "1"], 28, 1e-3)])
+# Second case: the augmented copies and the teacher's layer outputs are computed in shares and gathered, and the
+# student is validated as its weight average (identical on every rank). Its weights are compared to one Adam
+# step (lr 1e-3): there, near-zero gradients (attention keys, rare positions) take lr-sized steps of either sign
+# under rounding; a wrong gather would move them by many steps.
+@pytest.mark.parametrize("extra, steps, weight_atol", [
+    ([], 14, 1e-5), (["--hidden-weight", "1", "--augment", "1", "--weight-average", "0.5"], 28, 1e-3)])
 def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teacher_without_dropout, tmp_path, extra,
                                                                     steps, weight_atol):
     # The soft assignment keeps the loss continuous in the student's outputs: under the hard lookup, rounding
@@ -203,8 +204,9 @@ def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teache
         # epoch means of losses near 1e-3: reduction order moves them by a few 1e-7
         assert two_e["loss"] == pytest.approx(one_e["loss"], rel=1e-5, abs=1e-6) and two_e["val"] == one_e["val"]
     final = [load_file(str(tmp_path / d / "checkpoints" / "student.latest.safetensors")) for d in ("one", "two")]
-    weights = [k for k in final[0] if k.startswith("model.")]
-    assert len(weights) > 40  # every tensor of the 2-layer student
+    weights = [k for k in final[0] if k.startswith(("model.", "average."))]
+    assert len(weights) > 40  # every tensor of the 2-layer student (and its average)
+    assert any(k.startswith("average.") for k in weights) == ("--weight-average" in extra)
     for name in weights:
         torch.testing.assert_close(final[1][name], final[0][name], rtol=1e-4, atol=weight_atol,
                                    msg=lambda m, name=name: f"{name}: {m}")
