@@ -19,8 +19,8 @@ Outputs in --output-dir: config.json, metrics.json, training_curves.png, teacher
 (save_pretrained folders with the tokenizer), checkpoints/ (atomic safetensors), a summary on stdout.
 
 Modules: config (settings, command line, validation), context (data, teacher resolution, output folder),
-features (batches, cached encoder outputs), loop (the shared training loop), teacher, student, targets (the
-student's transfer set and the teacher's targets on it), evaluate,
+features (batches, cached encoder outputs), loop (the shared training loop), averaging (--weight-average),
+teacher, student, targets (the student's transfer set and the teacher's targets on it), evaluate,
 job (the whole run and the command-line wrapper).
 """
 from keydistill.train.config import ConfigError, RunError, TrainConfig, build_parser, parse_config, validate
