@@ -120,10 +120,16 @@ def task_score(task: str, results: dict) -> float:
     return 100 * float(np.mean([results[s][m] for s in splits for m in glue_metrics(task)]))
 
 
+# The constant predictors the table shows under the models: (row key, label, plot colour). Each row of the
+# table's JSON holds <key> (the test metrics) and <key>_score (its GLUE score), None for regression.
+BASELINES = (("majority", "majority class (train's)", "black"),  # train's most frequent label: learnt nothing
+             ("test_majority", "majority class (test's)", "grey"))  # the split's own: the best constant
+
+
 def majority_baselines(cfg: TrainConfig) -> tuple[dict | None, dict | None]:
-    """The test metrics of always predicting one class (None for regression): the most frequent training label
-    (a model that learnt nothing), and each test split's own most frequent label (the best constant; on WNLI's
-    adversarial dev set the two differ, 43.7 against 56.3)."""
+    """The test metrics of always predicting one class (None for regression), in BASELINES' order: the most
+    frequent training label, and each test split's own most frequent label (on WNLI's adversarial dev set the
+    two differ, 43.7 against 56.3)."""
     task = get_task(cfg.task)
     if task.is_regression:
         return None, None
@@ -143,14 +149,13 @@ def most_frequent(labels) -> int:
 
 def task_row(name: str, cfg: TrainConfig, metrics: dict, seconds: float | None) -> dict:
     teacher, student = task_score(name, metrics["teacher"]), task_score(name, metrics["student"])
-    baseline, test_baseline = majority_baselines(cfg)
+    baselines = {}
+    for (key, _, _), results in zip(BASELINES, majority_baselines(cfg)):
+        baselines |= {key: results, f"{key}_score": task_score(name, results) if results else None}
     return {"task": name, "teacher": metrics["teacher"], "student": metrics["student"],
             "teacher_score": teacher, "student_score": student,
             "student_share": student / teacher if teacher else None, "fidelity": metrics.get("fidelity"),
-            "majority": baseline, "majority_score": task_score(name, baseline) if baseline else None,
-            "test_majority": test_baseline,
-            "test_majority_score": task_score(name, test_baseline) if test_baseline else None,
-            "teacher_params": metrics["teacher_params"], "student_params": metrics["student_params"],
+            **baselines, "teacher_params": metrics["teacher_params"], "student_params": metrics["student_params"],
             "inference_examples_per_s": metrics.get("inference_examples_per_s", {}),
             "rows": metrics.get("rows"), "seconds": seconds if seconds is not None else metrics["seconds"],
             "settings": dataclasses.asdict(cfg), "published": PUBLISHED.get(name)}
@@ -183,7 +188,7 @@ def markdown(rows: list[dict], summary: dict) -> str:
                  f"{summary['speedup']:.2f}x |")
     lines.append("| student fidelity | | " + " | ".join("n/a" if r.get("fidelity") is None else f"{r['fidelity']:.1%}"
                                                   for r in rows) + " | | |")
-    for label, key in (("majority class (train's)", "majority"), ("majority class (test's)", "test_majority")):
+    for key, label, _ in BASELINES:
         lines.append(f"| {label} | " + (f"{summary[key]:.1f}" if summary[key] is not None else "n/a")
                      + " | " + " | ".join(cell(r["task"], r[key]) if r[key] else "n/a" for r in rows) + " | | |")
     lines += ["", "Score: the macro average of the task scores (each the mean of its metrics, in points). "
@@ -208,14 +213,12 @@ def markdown(rows: list[dict], summary: dict) -> str:
 def summarise(rows: list[dict]) -> dict:
     teacher = float(np.mean([r["teacher_score"] for r in rows]))
     student = float(np.mean([r["student_score"] for r in rows]))
-    majority = [r["majority_score"] for r in rows]
-    test_majority = [r["test_majority_score"] for r in rows]
+    baselines = {key: [r[f"{key}_score"] for r in rows] for key, _, _ in BASELINES}
     speeds = [r["inference_examples_per_s"] for r in rows if r["inference_examples_per_s"]]
     speedup = float(np.mean([s["student"] / s["teacher"] for s in speeds])) if speeds else float("nan")
     return {"teacher": teacher, "student": student, "share": student / teacher if teacher else float("nan"),
-            "majority": float(np.mean(majority)) if None not in majority else None,
-            "test_majority": float(np.mean(test_majority)) if None not in test_majority else None, "speedup": speedup,
-            "minutes": sum(r["seconds"] for r in rows) / 60}
+            **{key: float(np.mean(scores)) if None not in scores else None for key, scores in baselines.items()},
+            "speedup": speedup, "minutes": sum(r["seconds"] for r in rows) / 60}
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
@@ -229,9 +232,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     ax.bar(x + 0.2, student, 0.4, label="student")
     for i, (t, s) in enumerate(zip(teacher, student)):
         ax.annotate(f"{s / t:.0%}" if t else "n/a", (x[i] + 0.2, max(s, 0)), ha="center", va="bottom", fontsize=8)
-    for key, color, label in (("majority_score", "black", "majority class (train's)"),
-                              ("test_majority_score", "grey", "majority class (test's)")):
-        majority = [r[key] for r in rows]
+    for key, label, color in BASELINES:
+        majority = [r[f"{key}_score"] for r in rows]
         ax.scatter([x[i] for i, m in enumerate(majority) if m is not None], [m for m in majority if m is not None],
                    marker="_", s=400, color=color, label=label)
     ax.set(xticks=x, xticklabels=labels, ylabel="GLUE score (points)",
