@@ -56,18 +56,14 @@ def read_record(path: str | Path) -> dict:
         return json.loads(f.metadata()[_RECORD])
 
 
-def read_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint whose names start with prefix (extra tensors of save_checkpoint)."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-
-
-def load_checkpoint(path: str | Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore what save_checkpoint wrote (RNG states too when an optimizer is given); returns the record."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict[str, torch.Tensor] | None = None) -> dict:
+    """Restore what save_checkpoint wrote (RNG states too when an optimizer is given; its extra tensors into
+    the dict extra, when given); returns the record."""
     record = read_record(path)
     tensors = load_file(str(path))
+    if extra is not None:
+        extra.update({k: v for k, v in tensors.items() if not k.startswith(("model.", "optim.", "rng."))})
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     if optimizer is not None:
         slots: dict[int, dict] = {}

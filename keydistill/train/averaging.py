@@ -42,7 +42,7 @@ class WeightAverage:
                     p.copy_(weights)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The averages, named for a checkpoint (so a resumed run continues the same average)."""
+        """The averages, named for a checkpoint (so a resumed run continues the same average: load)."""
         return {f"{PREFIX}{i}": average for i, average in enumerate(self.average)}
 
     @torch.no_grad()

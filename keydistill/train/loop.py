@@ -21,11 +21,11 @@ from typing import Callable
 
 import torch
 from torch import nn
-from keydistill.checkpoint import load_checkpoint, read_record, read_tensors, save_checkpoint
+from keydistill.checkpoint import load_checkpoint, read_record, save_checkpoint
 from keydistill.data import length_bucketed_batches
 from keydistill.optim import clip_grad_norm_, make_optimizer
 from keydistill.train import distributed
-from keydistill.train.averaging import PREFIX, WeightAverage
+from keydistill.train.averaging import WeightAverage
 from keydistill.train.features import batches_on, forward, progress_bar
 
 
@@ -152,9 +152,10 @@ def fit(run, stage: Stage) -> dict:
     state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "curve": [], "best_val": None, "best_step": None,
              "sums": {}, "count": 0, "seconds": 0.0}
     if cfg.resume and latest.exists():
-        state = load_checkpoint(latest, stage.model, optimizer)["state"]
+        extra: dict[str, torch.Tensor] = {}
+        state = load_checkpoint(latest, stage.model, optimizer, extra)["state"]
         if average is not None:
-            average.load(read_tensors(latest, PREFIX))
+            average.load(extra)
         if best.exists():  # the best checkpoint may be newer than the latest one's record of it
             record = read_record(best)
             state["best_val"], state["best_step"] = record["val"], record["step"]
