@@ -29,7 +29,7 @@ import numpy as np
 from keydistill.checkpoint import write_json
 from keydistill.data import TASKS, DataError, compute_metrics, get_task, load_task
 from keydistill.ops import BackendUnavailable
-from keydistill.train import RunError, TrainConfig, build_parser, parse_config, run_all
+from keydistill.train import RunError, TrainConfig, build_parser, distributed, parse_config, run_all
 from keydistill.train.config import changed_settings
 
 ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")  # DistilBERT's Table 1 columns
@@ -272,6 +272,9 @@ def run_glue(argv: list[str]) -> int:
         except (DataError, RunError, BackendUnavailable) as e:
             failed[name] = str(e)
             print(f"[{i}/{len(tasks)}] {name}: skipped: {e}", flush=True)
+            if distributed.broken():  # under torchrun, a failed collective leaves no process group to go on with
+                not_run |= {t: f"not started: {name} failed on a collective" for t in tasks[i:]}
+                break
             continue
         except Exception as e:  # a bug: the other tasks still run, and the traceback says where
             traceback.print_exc()
@@ -306,14 +309,18 @@ def write_table(root: Path, rows: list[dict], failed: dict, not_run: dict, secon
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    status = 1  # an error not caught below (a bug) leaves with its traceback and status 1
     try:
-        return run_glue(argv)
+        status = run_glue(argv)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command with --resume to continue", file=sys.stderr)
-        return 130
+        status = 130
+    finally:
+        status = distributed.shutdown(status)  # under torchrun: leave the process group
+    return status
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def test_one_ema_step_on_two_ranks_equals_one_process_on_both_batches(tmp_path, 
 
 def _stuck_rank(rank: int, init_file: str, out: str):
     from datetime import timedelta
+    from keydistill.train import distributed
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=3))
     if rank == 0:
@@ -85,18 +86,20 @@ def _stuck_rank(rank: int, init_file: str, out: str):
         except RunError as e:
             with open(out, "w") as f:
                 f.write(str(e))
-    else:
-        time.sleep(8)  # stuck: never joins the collective
-    # Leave without tearing down a process group whose collective timed out: gloo's teardown then may abort
-    # the process (SIGABRT, "terminate called without an active exception"), which fails the spawn, not the
-    # behaviour under test (the error message above).
-    os._exit(0)
+        distributed.shutdown(2)  # as keydistill.train's main after the error: the CLI's status, at once
+        os._exit(0)  # not reached unless shutdown returned
+    time.sleep(8)  # rank 1 is stuck: never joins the collective
+    os._exit(0)  # gloo's teardown of the timed-out group could abort this rank (not under test here)
 
 
 def test_a_stuck_rank_is_an_error_naming_the_collective(tmp_path):
+    """The waiting rank's error names the collective, and the process leaves with the job's exit status: a
+    failed group is not torn down (gloo's teardown after a timeout can abort the process with SIGABRT)."""
     out = tmp_path / "error.txt"
     started = time.time()
-    mp.start_processes(_stuck_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="spawn")
+    with pytest.raises(mp.ProcessExitedException) as exited:
+        mp.start_processes(_stuck_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="spawn")
+    assert exited.value.error_index == 0 and exited.value.exit_code == 2
     message = out.read_text()
     assert "rank 0: the collective 'codebook statistics' failed" in message and "--dist-timeout" in message
     assert time.time() - started < 120  # the 3 s timeout, plus starting two Python processes

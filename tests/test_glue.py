@@ -81,6 +81,24 @@ def test_unknown_task_is_one_line(capsys, tmp_path):
     assert "unknown task(s) ['sst3']" in capsys.readouterr().err
 
 
+def test_a_failed_collective_stops_the_table(monkeypatch, capsys, tmp_path):
+    """Under torchrun a failed collective leaves the process group unusable: that task fails and the later
+    ones are reported as not started instead of each failing on the broken group."""
+    from keydistill.train import RunError, distributed
+    started = []
+
+    def collective_fails(cfg):
+        started.append(cfg.task)
+        monkeypatch.setattr(distributed, "_failed_collectives", ["codebook statistics"])
+        raise RunError("rank 0: the collective 'codebook statistics' failed")
+    monkeypatch.setattr(glue, "run_all", collective_fails)
+    assert glue.main(["--tasks", "cola,rte,sst2", "--output-dir", str(tmp_path)]) == 1
+    printed = capsys.readouterr().out
+    assert started == ["cola"]
+    assert "FAILED: cola: rank 0: the collective" in printed
+    assert "not run: rte: not started: cola failed on a collective" in printed and "not run: sst2" in printed
+
+
 def test_recipes_name_only_train_settings():
     from keydistill.train import TrainConfig
     fields = set(TrainConfig.__dataclass_fields__)

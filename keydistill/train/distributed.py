@@ -14,6 +14,9 @@ the ranks identical, and away from hangs:
 - Every collective is called through `collective`, which names it in the error when it fails or times out
   (--dist-timeout): a stuck or dead rank becomes an error, not a silent hang.
 - Rank 0 alone writes files; the others wait at a barrier where they read them.
+- After a failed collective the process group is not torn down: gloo's and nccl's teardown of a group with
+  a timed-out operation can abort the process or wait on the dead peer, so the job leaves at once with its
+  exit status (`shutdown`).
 """
 from __future__ import annotations
 
@@ -65,11 +68,15 @@ def init(device_setting: str, timeout_s: float) -> tuple[Dist, torch.device]:
     return ranks, device
 
 
+_failed_collectives: list[str] = []  # names of this process's collectives that failed (shutdown reads it)
+
+
 def collective(name: str, call, *args, **kwargs):
     """Run one collective; a failure (a rank that died, or the timeout) names it and this rank."""
     try:
         return call(*args, **kwargs)
     except RuntimeError as e:  # gloo and nccl raise RuntimeError subclasses (DistBackendError) on failure or timeout
+        _failed_collectives.append(name)
         rank = dist.get_rank() if dist.is_initialized() else 0
         raise RunError(f"rank {rank}: the collective '{name}' failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                        "another rank died or is stuck (see its log; --dist-timeout sets the wait)") from e
@@ -117,9 +124,22 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def shutdown() -> None:
+def broken() -> bool:
+    """Whether a collective of this process failed: its process group is unusable (no later task may run)."""
+    return bool(_failed_collectives)
+
+
+def shutdown(status: int) -> int:
+    """Leave the process group and return the exit status. After a failed collective the process exits here
+    with the status, its output flushed, without tearing the group down (its teardown, also the one at
+    interpreter exit, can abort with SIGABRT or hang on the dead peer, hiding the error's exit status)."""
     if dist.is_initialized():
+        if broken():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
         dist.destroy_process_group()
+    return status
 
 
 # ----------------------------------------------------------------------------------------------------------

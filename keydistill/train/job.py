@@ -85,7 +85,9 @@ def run_cli(run: Callable[[TrainConfig], object], cfg: TrainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    status = 1  # an error run_cli does not expect (a bug) leaves with its traceback and status 1
     try:
-        return run_cli(run_all, parse_config(argv))
+        status = run_cli(run_all, parse_config(argv))
     finally:
-        distributed.shutdown()
+        status = distributed.shutdown(status)
+    return status
