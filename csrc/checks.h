@@ -6,7 +6,8 @@
 // Size limits are the int32 ones the kernels rely on, imposed on every device alike (keydistill/ops/_checks.py
 // applies the same ones to the Python-level backends):
 //   nearest_key: K <= 2^31 - 65 (int key indices, plus a 64-key tile of padding), H <= 65535 (CUDA grid.y)
-//   ema_update_: H * K < 2^31 (int (head, key) slots), N < 2^31 (int32 per-key counts)
+//   ema_update_: H * K < 2^31 (int (head, key) slots), N < 2^31 (int32 per-key counts), H <= 65535 (the Triton
+//                kernels' grid.y; nearest_key's limit, so every index it returns can be averaged)
 //   kd_loss_fwd: N < 2^31 (CUDA grid.x: one block per row)
 //   every op: d (or V) < 2^31
 // Index values (ema_update_) are checked where they are read: TORCH_CHECK on the CPU, CUDA_KERNEL_ASSERT on
@@ -94,6 +95,7 @@ inline void ema_update_args(const at::Tensor& keys, const at::Tensor& cluster_si
               "keydistill::", op, ": shapes of keys ", keys.sizes(), ", cluster_size ", cluster_size.sizes(),
               ", embed_sum ", embed_sum.sizes(), ", x ", x.sizes(), " and index ", index.sizes(), " disagree");
   at_most(op, "H * K", h * k, kInt32Max - 1);
+  at_most(op, "H", h, kMaxHeads);
   at_most(op, "N", n, kInt32Max - 1);
   at_most(op, "d", d, kInt32Max);
   for (const Named& state : {Named{"keys", &keys}, Named{"cluster_size", &cluster_size}, Named{"embed_sum", &embed_sum}}) {

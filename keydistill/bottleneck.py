@@ -270,8 +270,9 @@ class DiscreteKeyBottleneck(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BottleneckOutput:
         positions = self._kept_positions(hidden, attention_mask)
-        tokens = hidden[:, : positions.shape[1]]  # [B, T, dim]: the first token only for cls pooling
-        queries = self.project(tokens[positions])  # [N, H, d]
+        # [N, H, d]; cls pooling keeps each row's first token, taken without a boolean mask (whose indexing
+        # waits for the accelerator to count the kept positions)
+        queries = self.project(hidden[:, 0] if self.config.pooling == "cls" else hidden[positions])
         index, _ = ops.nearest_key(queries.detach(), self.keys)
         heads = torch.arange(self.config.num_heads, device=index.device)
         assigned = self.keys[heads, index]  # [N, H, d]: a copy, so the EMA below cannot disturb autograd
@@ -286,7 +287,7 @@ class DiscreteKeyBottleneck(nn.Module):
         """The values the lookup selects (or mixes), averaged over heads, then over each row's kept positions."""
         soft = self.training and self.config.soft_temperature is not None
         if soft and not self.config.straight_through:
-            return _mean_per_row(self._soft_values(queries, self.values).mean(1), positions)
+            return self._per_row(self._soft_values(queries, self.values).mean(1), positions)
         sparse = self.config.sparse_values and self.sparse_gradients
         if sparse and not soft:
             return value_lookup.pooled_values(self.values, index, positions)  # one fused sum, row-sparse gradient
@@ -299,7 +300,12 @@ class DiscreteKeyBottleneck(nn.Module):
             # gradient of the soft assignment, mixing detached values, whose forward contribution cancels out.
             mixed = self._soft_values(queries, self.values.detach())
             head_values = head_values + (mixed - mixed.detach())
-        return _mean_per_row(head_values.mean(1), positions)
+        return self._per_row(head_values.mean(1), positions)
+
+    def _per_row(self, vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Each batch row's mean of its kept positions' vectors [N, v] -> [B, v]; with cls pooling a row's one
+        position is its vector (no host sync)."""
+        return vectors if self.config.pooling == "cls" else _mean_per_row(vectors, positions)
 
     def _kept_positions(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         b, length = hidden.shape[:2]

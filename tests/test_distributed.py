@@ -105,6 +105,39 @@ def test_a_stuck_rank_is_an_error_naming_the_collective(tmp_path):
     assert time.time() - started < 120  # the 3 s timeout, plus starting two Python processes
 
 
+def _torchrun_env(monkeypatch, gpus: int, rank: int = 1, world: int = 2):
+    """This process as rank `rank` of torchrun's `world` on one node with `gpus` CUDA devices (none needed)."""
+    from keydistill.train import distributed
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank), ("LOCAL_WORLD_SIZE", world)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)  # restored after the test, also once set
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    groups = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, timeout: groups.append(backend))
+    return distributed, groups
+
+
+def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
+    """Two ranks on a one-GPU node: nccl cannot share it; every rank says so (not "invalid device ordinal")."""
+    distributed, groups = _torchrun_env(monkeypatch, gpus=1)
+    for setting in ("auto", "cuda"):
+        with pytest.raises(RunError, match=r"2 ranks on this node but 1 CUDA device\(s\).*--device cpu"):
+            distributed.init(setting, 60.0)
+    assert groups == []
+    assert distributed.init("cpu", 60.0) == (Dist(1, 2, 1), torch.device("cpu")) and groups == ["gloo"]
+
+
+def test_gpu_ranks_use_nccl_with_blocking_waits(monkeypatch):
+    """nccl, one GPU per rank, and blocking waits: a timed-out collective then raises (and is named) instead
+    of nccl's watchdog killing the process."""
+    distributed, groups = _torchrun_env(monkeypatch, gpus=2)
+    assert distributed.init("auto", 60.0) == (Dist(1, 2, 1), torch.device("cuda", 1))
+    assert groups == ["nccl"] and os.environ["TORCH_NCCL_BLOCKING_WAIT"] == "1"
+
+
 def test_data_parallel_bottlenecks_take_dense_value_gradients():
     """DDP's reducer takes dense gradients only: under torchrun sparse_values falls back to the dense path."""
     from keydistill.train.distributed import attach_codebook_sync
@@ -157,7 +190,8 @@ def no_dropout(tiny, tmp_path_factory):
 
 def train_args(tiny, model, out, batch_size, *extra):
     """Per-rank batch sizes: training batch_size, evaluation (and EMA key passes) 2 * batch_size."""
-    args = tiny_args(tiny, out, "--teacher", str(model), "--checkpoint-every", "2", *extra)
+    # on the CPUs also where a GPU is: the tests start more ranks than a one-GPU machine has GPUs
+    args = tiny_args(tiny, out, "--teacher", str(model), "--checkpoint-every", "2", "--device", "cpu", *extra)
     args[args.index("--batch-size") + 1] = str(batch_size)
     args[args.index("--eval-batch-size") + 1] = str(2 * batch_size)
     return args

@@ -93,6 +93,7 @@ BAD_INPUTS = [
     (call_nearest, nearest_inputs(x=big(1, 2, 1), keys=big(2, 2**31 - 64, 1)), ValueError, "K = 2147483584 exceeds"),
     (call_nearest, nearest_inputs(x=big(1, 65536, 1), keys=big(65536, 1, 1)), ValueError, "H = 65536 exceeds"),
     (call_ema, ema_inputs(x=big(2**31, 3, 4), index=big(2**31, 3, dtype=torch.long)), ValueError, "N = 2147483648 exceeds"),
+    (call_ema, ema_inputs(n=1, h=65536, k=1, d=1), ValueError, "H = 65536 exceeds"),  # 65536 x 1 key: small
     (call_kd, kd_inputs(student_logits=big(2**31, 1), teacher_logits=big(2**31, 1)), ValueError, "N = 2147483648 exceeds"),
 ]
 
@@ -159,6 +160,8 @@ DIRECT_BAD_ARGS = [  # (call, the message it must raise with)
     (lambda: op_ema(keys=big(2**16, 2**15, 1), cluster_size=big(2**16, 2**15), embed_sum=big(2**16, 2**15, 1),
                     x=big(1, 2**16, 1), index=big(1, 2**16, dtype=torch.long)), "H \\* K = 2147483648 exceeds"),
     (lambda: op_ema(x=big(2**31, 2, 3), index=big(2**31, 2, dtype=torch.long)), "N = 2147483648 exceeds"),
+    (lambda: op_ema(**{k: v for k, v in ema_inputs(n=1, h=65536, k=1, d=1).items() if k != "decay"}),
+     "H = 65536 exceeds the kernels' limit of 65535"),
     (lambda: op_kd(student=torch.randn(4, 7, 1)), r"student must be \[N, V\]"),
     (lambda: op_kd(teacher=torch.randn(4, 8)), "must have one shape"),
     (lambda: op_kd(student=torch.randn(4, 7).double()), "student must be float32, float16 or bfloat16, got Double"),

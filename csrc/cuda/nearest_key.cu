@@ -269,7 +269,8 @@ void launch(const at::Tensor& x, const at::Tensor& keys, at::Tensor& index, at::
 
   const int64_t row_blocks = (shape.rows + kBlockRows - 1) / kBlockRows;
   shape.split_keys = keys_per_range(row_blocks, shape.heads, shape.keys, x.get_device());
-  const int ranges = (shape.keys + shape.split_keys - 1) / shape.split_keys;  // none of them empty
+  // none of them empty; summed in 64 bits: K + split_keys passes INT_MAX for K near the 2^31 limit
+  const int ranges = static_cast<int>((int64_t{shape.keys} + shape.split_keys - 1) / shape.split_keys);
   const int64_t pairs = shape.rows * shape.heads;
   at::Tensor part_score, part_key;
   Partial partial{nullptr, nullptr};

@@ -41,7 +41,9 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, *, decay: float, eps: f
 
     State (keys [H, K, d], cluster_size [H, K], embed_sum [H, K, d]) is float32. Counts and sums are exact.
     deterministic=None follows torch.are_deterministic_algorithms_enabled(); True forces a fixed
-    summation order on backends that otherwise accumulate with atomics.
+    summation order on backends that otherwise accumulate with atomics. An index outside [0, K) raises
+    ValueError on the CPU; on a GPU it fails a device-side assertion (checking on the host would wait for the
+    GPU at every step), which, as any CUDA error, leaves the process unable to use the GPU again.
     """
     _checks.check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps)
     if deterministic is None:

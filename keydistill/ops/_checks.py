@@ -87,10 +87,12 @@ def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
     if not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     at_most("H * K", h * k, INT32_MAX - 1)
+    at_most("H", h, MAX_HEADS)  # the Triton kernels put heads on CUDA's grid.y
     at_most("N", x.shape[0], INT32_MAX - 1)
     at_most("d", d, INT32_MAX)
-    if index.numel() and torch.compiler.is_compiling():
-        # Inside a compiled graph a host-side check would break the graph: assert in the graph instead.
+    if index.numel() and (torch.compiler.is_compiling() or index.device.type == "cuda"):
+        # Inside a compiled graph a host-side check would break the graph, and on a GPU it would wait for the
+        # kernels queued before it at every EMA step: assert on the device instead (as the CUDA kernel does).
         torch._assert_async(((index >= 0) & (index < k)).all(), f"index holds values outside [0, K={k})")
     elif index.numel():
         lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one pass, one device-to-host copy

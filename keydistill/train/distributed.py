@@ -59,10 +59,19 @@ def init(device_setting: str, timeout_s: float) -> tuple[Dist, torch.device]:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_setting == "auto" else device_setting)
         return SINGLE, device
     ranks = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
-    use_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and torch.cuda.is_available())
+    # Decided from what every rank of a node sees alike, so that all of them pick the same backend.
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and gpus > 0)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if use_cuda and ranks_here > gpus:  # nccl takes one GPU per rank; a missing one is "invalid device ordinal"
+        raise RunError(f"{ranks_here} ranks on this node but {gpus} CUDA device(s): nccl takes one GPU per rank; "
+                       f"start at most {gpus} (torchrun --nproc-per-node) or train on the CPUs with --device cpu")
     device = torch.device("cuda", ranks.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        # Without blocking waits nccl's collectives return at once and a stuck rank's timeout makes the
+        # watchdog kill the process; with them the collective raises, and `collective` names it.
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return ranks, device

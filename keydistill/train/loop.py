@@ -184,7 +184,7 @@ def fit(run, stage: Stage) -> dict:
         bar = progress_bar(total=len(lengths), initial=sum(map(len, batches[:state["batch"]])), unit="ex",
                            desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}")
         started = time.perf_counter()
-        step_sums: dict[str, float] = {}
+        step_losses, step_examples = None, 0  # the step's loss terms summed over its examples, on the device
         for i in range(state["batch"], len(batches)):
             mine = distributed.chunk(batches[i], ranks)
             padding = not mine  # fewer examples than ranks: run one with weight 0 to join the collectives
@@ -198,9 +198,9 @@ def fit(run, stage: Stage) -> dict:
                 # DDP averages over ranks; these weights make the step's loss the mean over its examples
                 (terms["total"] * (0.0 if padding else weights[i] * len(mine) / len(batches[i]) * ranks.world)).backward()
             n = 0 if padding else len(mine)
-            for k, v in terms.items():
-                step_sums[k] = step_sums.get(k, 0.0) + float(v.detach()) * n
-            step_sums["examples"] = step_sums.get("examples", 0.0) + n
+            losses = torch.stack([v.detach().double() for v in terms.values()]) * n  # no host sync per micro-batch
+            step_losses = losses if step_losses is None else step_losses + losses
+            step_examples += n
             bar.update(len(batches[i]))
             if not last_of_step:
                 continue  # accumulate more micro-batches before stepping
@@ -213,15 +213,14 @@ def fit(run, stage: Stage) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if average is not None:
                 average.update()
-            step_sums = summed_across_ranks(step_sums, ranks, run.device)
-            examples = step_sums.pop("examples")
+            step_sums, examples = summed_across_ranks(list(terms), step_losses, step_examples, ranks)
             for k, v in step_sums.items():
                 state["sums"][k] = state["sums"].get(k, 0.0) + v
-            state["count"] += int(examples)
+            state["count"] += examples
             state["step"] += 1
             state["curve"].append([state["step"], step_sums["total"] / max(examples, 1)])
             state["batch"] = i + 1
-            step_sums = {}
+            step_losses, step_examples = None, 0
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 validate()
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and i + 1 < len(batches):
@@ -247,13 +246,14 @@ def fit(run, stage: Stage) -> dict:
     return result
 
 
-def summed_across_ranks(sums: dict[str, float], ranks, device: torch.device) -> dict[str, float]:
-    """The same keys, each summed over the data-parallel ranks (one all-reduce)."""
-    if not ranks.active:
-        return sums
-    names = sorted(sums)
-    total = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=device)
-    return dict(zip(names, distributed.all_reduce_sum_(total, "step loss").tolist()))
+def summed_across_ranks(names: list[str], losses: torch.Tensor, examples: int, ranks) -> tuple[dict[str, float], int]:
+    """The step's loss sums by name and its examples, each summed over the data-parallel ranks: one
+    all-reduce, and the step's one device-to-host copy (the loss curve needs it)."""
+    values = torch.cat([losses, losses.new_tensor([examples])])
+    if ranks.active:
+        distributed.all_reduce_sum_(values, "step loss")
+    *sums, total_examples = values.tolist()
+    return dict(zip(names, sums)), int(total_examples)
 
 
 def trainable(model, cfg) -> list[torch.nn.Parameter]:
