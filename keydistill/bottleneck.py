@@ -175,7 +175,8 @@ class DiscreteKeyBottleneck(nn.Module):
         # (keydistill.train.distributed.CodebookSync); None in a single process.
         self.sync = None
         # False under DistributedDataParallel, whose reducer takes dense gradients only (from modules other
-        # than nn.Embedding): config.sparse_values then falls back to the dense value gradient.
+        # than nn.Embedding): config.sparse_values then falls back to the dense value gradient, made
+        # row-sparse again before the optimizer step (distributed.row_sparse_value_gradients_).
         self.sparse_gradients = True
         # True while a batch must not count in the codebook statistics (a data-parallel rank's padding
         # example); with a sync hook the rank still takes part in the collectives, with zero statistics.
@@ -301,6 +302,12 @@ class DiscreteKeyBottleneck(nn.Module):
             mixed = self._soft_values(queries, self.values.detach())
             head_values = head_values + (mixed - mixed.detach())
         return self._per_row(head_values.mean(1), positions)
+
+    def row_sparse_value_gradient(self) -> bool:
+        """Whether one process gives the value table a row-sparse gradient now (see _pooled_values): with
+        sparse_values, unless training's soft assignment without straight-through mixes every value."""
+        mixes_all = self.training and self.config.soft_temperature is not None and not self.config.straight_through
+        return self.config.sparse_values and not mixes_all
 
     def _per_row(self, vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Each batch row's mean of its kept positions' vectors [N, v] -> [B, v]; with cls pooling a row's one

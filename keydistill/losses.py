@@ -48,12 +48,16 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
 
 def hidden_state_loss(student_layers: list[torch.Tensor], teacher_layers: list[torch.Tensor],
-                      attention_mask: torch.Tensor) -> torch.Tensor:
+                      attention_mask: torch.Tensor, token_scale: float = 1.0) -> torch.Tensor:
     """MSE between each student layer's output and its teacher layer's ([B, L, dim] each), over real tokens
-    only, averaged over layers (TinyBERT's hidden-state loss without its projection: widths are equal)."""
+    only, averaged over layers (TinyBERT's hidden-state loss without its projection: widths are equal).
+
+    A mean over tokens, while the training loop weights micro-batches and ranks by their examples: the loop's
+    token_scale (keydistill.train.loop.token_scale) rescales the token count so that the weighted sum is
+    the token mean of the whole step (1.0: this batch alone)."""
     mask = attention_mask.unsqueeze(-1).float()
     squared = sum((((s.float() - t.float()) ** 2) * mask).sum() for s, t in zip(student_layers, teacher_layers))
-    return squared / (mask.sum() * student_layers[0].shape[-1] * len(student_layers))
+    return squared / (mask.sum() * token_scale * student_layers[0].shape[-1] * len(student_layers))
 
 
 def distillation_loss(student_out, teacher_logits: torch.Tensor, teacher_features: torch.Tensor,

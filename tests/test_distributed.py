@@ -154,6 +154,32 @@ def test_data_parallel_bottlenecks_take_dense_value_gradients():
     assert model[0].sync is None and model[0].sparse_gradients
 
 
+def test_reduced_dense_value_gradients_step_the_rows_one_process_steps(seed):
+    """DDP reduces the value table's gradient dense; before the step it becomes the row-sparse gradient one
+    process has (same rows, same values), so LazyAdamW leaves unselected rows alone as it does alone. The soft
+    assignment without straight-through mixes every row: that gradient stays dense, as alone."""
+    from keydistill.train.distributed import attach_codebook_sync, row_sparse_value_gradients_
+    model = torch.nn.Sequential(DiscreteKeyBottleneck(12, BottleneckConfig(num_heads=3, num_keys=9, sparse_values=True)))
+    model[0].freeze_keys()
+    hidden = torch.randn(5, 1, 12)
+    model[0](hidden).pooled.pow(2).sum().backward()
+    alone = model[0].values.grad.coalesce()
+    model[0].values.grad = None
+    attach_codebook_sync(model, Dist(0, 2))
+    model[0](hidden).pooled.pow(2).sum().backward()
+    row_sparse_value_gradients_(model)
+    reduced = model[0].values.grad
+    assert reduced.is_sparse and reduced.is_coalesced() and alone._nnz() < 3 * 9  # some rows unselected
+    assert torch.equal(reduced.indices(), alone.indices())
+    torch.testing.assert_close(reduced.values(), alone.values())
+    soft = torch.nn.Sequential(DiscreteKeyBottleneck(12, BottleneckConfig(num_heads=3, num_keys=9, sparse_values=True,
+                                                                          soft_temperature=1.0)))
+    attach_codebook_sync(soft, Dist(0, 2))
+    soft[0](hidden).pooled.pow(2).sum().backward()
+    row_sparse_value_gradients_(soft)
+    assert not soft[0].values.grad.is_sparse
+
+
 def test_chunks_cover_a_global_batch_once():
     batch = list(range(7))
     parts = [chunk(batch, Dist(r, 3)) for r in range(3)]

@@ -6,10 +6,12 @@ from transformers import BertConfig
 
 from keydistill import checkpoint
 from keydistill.bottleneck import BottleneckConfig
-from keydistill.losses import DistillationWeights, distillation_loss
+from keydistill.losses import DistillationWeights, distillation_loss, hidden_state_loss
 from keydistill.models import BertWithKeyBottleneck
 from keydistill.train import parse_config, run_all
-from keydistill.train.loop import accumulation_weights, param_groups
+from keydistill.train import distributed
+from keydistill.train.distributed import Dist
+from keydistill.train.loop import accumulation_weights, param_groups, token_scale
 from train_fixtures import tiny_args
 
 
@@ -45,6 +47,38 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(seed):
     assert len(accumulated) == len(whole) > 0
     for a, b in zip(accumulated, whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_token_mean_terms_accumulate_to_the_mean_over_the_whole_step(seed):
+    """The hidden-state MSE is a mean over tokens, the loop weights micro-batches and ranks by examples:
+    with token_scale, length-bucketed micro-batches (few long rows, then many short ones) and a global batch
+    cut across ranks both give the token mean of the whole step, value and gradient."""
+    lengths = [9, 8, 8, 3, 2, 2, 1]
+    student, teacher = torch.randn(7, 9, 5, requires_grad=True), torch.randn(7, 9, 5)
+    mask = (torch.arange(9) < torch.tensor(lengths)[:, None]).long()
+
+    def loss(rows, scale=1.0):
+        return hidden_state_loss([student[rows]], [teacher[rows]], mask[rows], scale)
+
+    def gradient(value):
+        student.grad = None
+        value.backward()
+        return student.grad.clone()
+
+    whole = loss(list(range(7)))
+    expected = gradient(whole)
+    micro = [[0, 1, 2], [3, 4], [5, 6]]  # three micro-batches of one step
+    accumulated = sum(loss(b, token_scale(micro, i, 3, b, lengths)) * w
+                      for i, (b, w) in enumerate(zip(micro, accumulation_weights(micro, 3))))
+    step = [list(range(7))]  # one global batch on two ranks: DDP's mean makes each rank's weight its share
+    ranks = [distributed.chunk(step[0], Dist(r, 2)) for r in range(2)]
+    split = sum(loss(mine, token_scale(step, 0, 1, mine, lengths)) * len(mine) / 7 for mine in ranks)
+    for value in (accumulated, split):
+        torch.testing.assert_close(value, whole)
+        torch.testing.assert_close(gradient(value), expected)
+    unscaled = sum(loss(b) * w for b, w in zip(micro, accumulation_weights(micro, 3)))
+    assert not torch.allclose(unscaled, whole)  # each micro-batch's own token mean is not the step's
+    assert token_scale(step, 0, 1, step[0], lengths) == 1.0  # one process, no accumulation: exactly as before
 
 
 def test_no_weight_decay_on_biases_and_layer_norms():
@@ -104,6 +138,34 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_
         assert resumed["student"] == whole["student"], where
         assert resumed["steps_to_best_val"] == whole["steps_to_best_val"], where
         assert [e["val"] for e in resumed["history"]] == [e["val"] for e in whole["history"]], where
+
+
+def test_resuming_on_another_number_of_ranks_is_an_error(tiny, teacher_dir, tmp_path, monkeypatch):
+    """The epoch's batches are cut from the global batch (--batch-size x ranks): a checkpoint written on another
+    number of ranks would replay other examples when resumed, so it stops with a one-line error instead."""
+    import json
+    from safetensors.torch import load_file, save_file
+    from keydistill.train import RunError
+    args = tiny_args(tiny, tmp_path / "run", "--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2")
+    real = checkpoint._replace_atomically
+
+    def kill_after_the_students_first_checkpoint(path, write):
+        real(path, write)
+        if path.name == "student.latest.safetensors":
+            raise Killed
+    monkeypatch.setattr(checkpoint, "_replace_atomically", kill_after_the_students_first_checkpoint)
+    with pytest.raises(Killed):
+        run_all(parse_config(args))
+    monkeypatch.setattr(checkpoint, "_replace_atomically", real)
+    # as if written by two ranks of 2 examples each (this process cannot be two ranks)
+    latest = tmp_path / "run" / "checkpoints" / "student.latest.safetensors"
+    record = checkpoint.read_record(latest)
+    assert record["state"]["global_batch"] == 8
+    record["state"]["global_batch"] = 4
+    save_file(load_file(str(latest)), str(latest), metadata={checkpoint._RECORD: json.dumps(record)})
+    with pytest.raises(RunError, match=r"student.latest.safetensors: written by a run of 4 examples per batch .* "
+                                       r"resumed with 8"):
+        run_all(parse_config([*args, "--resume"]))
 
 
 def test_weight_average_follows_the_weights_and_swaps_back(seed):

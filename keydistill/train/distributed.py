@@ -217,6 +217,19 @@ def attach_codebook_sync(model: torch.nn.Module, ranks: Dist) -> None:
             module.sparse_gradients = not ranks.active
 
 
+def row_sparse_value_gradients_(model: torch.nn.Module) -> None:
+    """Before the optimizer step under DDP: a value table's gradient arrives dense (attach_codebook_sync);
+    where one process would have had a row-sparse one, make it row-sparse again, holding the rows with any
+    nonzero entry (the rows some rank's batch selected). LazyAdamW then moves the rows one process moves,
+    where a dense gradient would move every row by its momentum and weight decay."""
+    from keydistill.bottleneck import DiscreteKeyBottleneck
+    for module in model.modules():
+        if isinstance(module, DiscreteKeyBottleneck) and module.row_sparse_value_gradient():
+            grad = module.values.grad
+            if grad is not None and not grad.is_sparse:
+                module.values.grad = grad.to_sparse(2)  # coalesced: each (head, key) row once, in order
+
+
 def broadcast_codebooks(model: torch.nn.Module) -> None:
     """Make every rank's codebook state rank 0's (after k-means, which each rank ran on the same data)."""
     from keydistill.bottleneck import CODEBOOK_STATE, DiscreteKeyBottleneck

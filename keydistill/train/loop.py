@@ -26,6 +26,7 @@ from keydistill.data import length_bucketed_batches
 from keydistill.optim import clip_grad_norm_, make_optimizer
 from keydistill.train import distributed
 from keydistill.train.averaging import WeightAverage
+from keydistill.train.config import RunError
 from keydistill.train.features import batches_on, forward, progress_bar
 
 
@@ -150,10 +151,14 @@ def fit(run, stage: Stage) -> dict:
     global_batch = cfg.batch_size * ranks.world
     total_steps = stage.epochs * math.ceil(math.ceil(len(lengths) / global_batch) / cfg.grad_accum)
     state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "curve": [], "best_val": None, "best_step": None,
-             "sums": {}, "count": 0, "seconds": 0.0}
+             "sums": {}, "count": 0, "seconds": 0.0, "global_batch": global_batch}
     if cfg.resume and latest.exists():
         extra: dict[str, torch.Tensor] = {}
         state = load_checkpoint(latest, stage.model, optimizer, extra)["state"]
+        if state.setdefault("global_batch", global_batch) != global_batch:  # absent: written before it was kept
+            # the epoch's batches are cut from the global batch size: another one would replay other examples
+            raise RunError(f"{latest}: written by a run of {state['global_batch']} examples per batch (--batch-size "
+                           f"x ranks), resumed with {global_batch}: resume on as many ranks as it ran on")
         if average is not None:
             average.load(extra)
         if best.exists():  # the best checkpoint may be newer than the latest one's record of it
@@ -190,6 +195,7 @@ def fit(run, stage: Stage) -> dict:
             padding = not mine  # fewer examples than ranks: run one with weight 0 to join the collectives
             indices = mine or batches[i][:1]
             _, batch = next(batches_on(run.device, stage.dataset, stage.collate, [indices]))
+            batch["token_scale"] = token_scale(batches, i, cfg.grad_accum, mine, lengths)
             torch.manual_seed(step_seed(cfg.seed, stage.name, epoch, i, ranks.rank))
             last_of_step = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches)
             with nullcontext() if last_of_step or not ranks.active else trainer.no_sync():  # sync on the last
@@ -207,6 +213,8 @@ def fit(run, stage: Stage) -> dict:
             # ---- optimizer step: lr schedule, clip, step, zero, the step's loss over all ranks ----
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, stage.lr, state["step"], total_steps)
+            if ranks.active:
+                distributed.row_sparse_value_gradients_(stage.model)  # the rows one process would step
             if cfg.grad_clip > 0:
                 clip_grad_norm_(stage.params, cfg.grad_clip)  # torch's, without copying sparse gradients
             optimizer.step()
@@ -244,6 +252,19 @@ def fit(run, stage: Stage) -> dict:
     result = {k: state[k] for k in ("history", "curve", "best_val", "best_step")}
     run.finish_stage(stage.name, result)
     return result
+
+
+def token_scale(batches: list[list[int]], i: int, grad_accum: int, mine: list[int], lengths: list[int]) -> float:
+    """For loss terms that are means over tokens (the hidden-state MSE): the factor on this micro-batch's own
+    token count that makes it the step's tokens times this micro-batch's share of the step's examples. The
+    loop weights each micro-batch (and rank) by its examples, so the weighted sum is then the token mean over
+    the whole step, as one large batch gives. Exactly 1.0 in one process without accumulation."""
+    if not mine:  # a padding micro-batch, weighted 0
+        return 1.0
+    start = i - i % grad_accum
+    step = batches[start:start + grad_accum]
+    step_tokens, step_examples = sum(lengths[j] for b in step for j in b), sum(len(b) for b in step)
+    return step_tokens * len(mine) / step_examples / sum(lengths[j] for j in mine)
 
 
 def summed_across_ranks(names: list[str], losses: torch.Tensor, examples: int, ranks) -> tuple[dict[str, float], int]:

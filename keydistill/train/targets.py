@@ -67,7 +67,7 @@ class LayerMatch:
             teacher = torch.nn.utils.rnn.pad_sequence([self.cached[i] for i in batch["index"].tolist()],
                                                       batch_first=True).to(batch["input_ids"].device)
         student = [self.outputs[j] for j in range(len(self.teacher_layers))]
-        return hidden_state_loss(student, teacher.unbind(2), batch["attention_mask"])
+        return hidden_state_loss(student, teacher.unbind(2), batch["attention_mask"], batch.get("token_scale", 1.0))
 
 
 def transfer_set(run, teacher, teacher_train: FeatureDataset) -> tuple[CustomDataset, torch.Tensor, torch.Tensor]:
