@@ -35,6 +35,8 @@ BAD_SETTINGS = [  # (extra flags, words the one-line error must contain)
     (["--teacher-epochs", "0"], "--teacher-epochs >= 1"),
     (["--student-layers", "a,b"], "--student-layers must be comma-separated layer numbers"),
     (["--student-layers", "1,1"], "--student-layers must name distinct layers"),
+    (["--student-layers", "0,9"], "--student-layers 0,9: the teacher"),  # the tiny teacher has 4 layers
+    (["--max-length", "65"], "--max-length 65 exceeds the 64 positions of the teacher"),
     (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
     (["--device", f"cuda:{torch.cuda.device_count()}"], "--device cuda:"),
     (["--soft-temperature", "-1"], "--soft-temperature must be a finite number > 0"),
@@ -72,6 +74,37 @@ def mean_teacher(tiny, tmp_path_factory):
     run_all(parse_config(tiny_args(tiny, out, "--pooling", "mean", "--num-heads", "2", "--num-keys", "6",
                                    "--epochs", "1")))
     return out / "teacher"
+
+
+def test_a_loaded_teacher_is_checked_before_any_work(tiny, mean_teacher, tmp_path, capsys):
+    """The same geometry checks for a --teacher-checkpoint: its layers and positions, from its saved config."""
+    for extra, message in ((["--student-layers", "1,4"], "--student-layers 1,4: the teacher"),
+                           (["--max-length", "100"], "--max-length 100 exceeds the 64 positions")):
+        out = tmp_path / extra[0]
+        assert main(tiny_args(tiny, out, "--teacher-checkpoint", str(mean_teacher), *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and str(mean_teacher) in err, err
+        assert not (out / "student").exists()
+
+
+def test_optional_choices_take_none(tiny):
+    """--pooling none / --projection none: the preset's or the loaded teacher's (as their help says)."""
+    cfg = parse_config(tiny_args(tiny, "out", "--pooling", "none", "--projection", "none"))
+    assert cfg.pooling is None and cfg.projection is None
+    assert parse_config(tiny_args(tiny, "out", "--pooling", "mean")).pooling == "mean"
+
+
+def test_turning_off_a_recipes_soft_assignment_turns_off_its_straight_through(tiny):
+    """CoLA's recipe sets a soft assignment with straight-through; --soft-temperature none must not then fail on
+    a --straight-through the user never gave. Given explicitly, it still needs the soft assignment."""
+    from keydistill.train import validate
+    cfg = parse_config(tiny_args(tiny, "out", "--task", "cola", "--soft-temperature", "none"))
+    assert cfg.soft_temperature is None and cfg.straight_through is False
+    validate(cfg)
+    assert parse_config(tiny_args(tiny, "out", "--task", "cola")).straight_through is True  # the recipe's
+    with pytest.raises(ConfigError, match="--straight-through takes its backward pass"):
+        validate(parse_config(tiny_args(tiny, "out", "--task", "cola", "--soft-temperature", "none",
+                                        "--straight-through")))
 
 
 def test_a_loaded_teacher_bottleneck_is_used_under_default_flags(tiny, mean_teacher, tmp_path):

@@ -209,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             parse = _optional(kind) if isinstance(hints[f.name], types.UnionType) else kind
-            parser.add_argument(flag, type=parse, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+            choices = f.metadata["choices"]
+            if choices and isinstance(hints[f.name], types.UnionType):
+                choices = (*choices, None)  # "none" (parsed to None): the preset's or the loaded teacher's
+            parser.add_argument(flag, type=parse, default=f.default, choices=choices, help=f.metadata["help"])
     return parser
 
 
@@ -227,7 +230,10 @@ def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser 
     parser = parser or build_parser()
     settings = vars(parser.parse_args(argv))
     recipe = dict(TASKS[settings["task"]].recipe + PRESET_RECIPES[settings["bottleneck"]])
-    settings.update({k: v for k, v in recipe.items() if k not in explicit_flags(parser, argv)})
+    explicit = explicit_flags(parser, argv)
+    settings.update({k: v for k, v in recipe.items() if k not in explicit})
+    if settings["soft_temperature"] is None and "straight_through" not in explicit:
+        settings["straight_through"] = False  # a recipe's straight-through rides on the soft assignment it sets
     return TrainConfig(**settings)
 
 

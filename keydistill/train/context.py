@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, BertConfig
 
 from keydistill.bottleneck import BottleneckConfig
 from keydistill.checkpoint import write_json
 from keydistill.data import CustomDataset, GlueTask, get_task, load_task
 from keydistill.models.classifiers import is_checkpoint, read_checkpoint_config
+from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
 from keydistill.train.config import (BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig,
                                      changed_settings, validate)
@@ -114,7 +115,9 @@ def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> No
 def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
     """(the teacher's bottleneck, where its tokenizer comes from)."""
     if not cfg.teacher_checkpoint:
-        hidden = _encoder_width(cfg.teacher)
+        encoder = _teacher_encoder_config(cfg.teacher)
+        check_teacher_fits(cfg, encoder, cfg.teacher)
+        hidden = encoder.hidden_size
         bottleneck = cfg.teacher_bottleneck(hidden)
         try:
             bottleneck.key_dim_for(hidden)
@@ -128,6 +131,7 @@ def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
     if meta["model_class"] != "BertWithKeyBottleneck" or meta["bottleneck"] is None:
         raise ConfigError(f"--teacher-checkpoint {folder}: holds a {meta['model_class']}"
                           f"{' without a bottleneck' if meta['bottleneck'] is None else ''}, not a BERT teacher with keys")
+    check_teacher_fits(cfg, BertConfig.from_dict(meta["encoder_config"]), str(folder))
     saved = BottleneckConfig.from_dict(meta["bottleneck"])
     conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)} but the teacher has {getattr(saved, k)}"
                  for k in BOTTLENECK_DEFAULTS if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(saved, k)]
@@ -144,12 +148,27 @@ def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
     return saved, str(folder)
 
 
-def _encoder_width(name: str) -> int:
+def _teacher_encoder_config(name: str):
     try:
-        config = AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the teacher {name!r}: {e}") from None
-    return config.hidden_size
+
+
+def check_teacher_fits(cfg: TrainConfig, encoder, where: str) -> None:
+    """What the teacher's shape decides, checked before any work (not after its stages have trained): the
+    student's layers exist in it, --max-length fits its position embeddings, and a DistilBERT can copy it."""
+    n = encoder.num_hidden_layers
+    layers = cfg.layers(n)
+    if any(i >= n for i in layers):
+        raise ConfigError(f"--student-layers {cfg.student_layers}: the teacher {where} has {n} layers, numbered 0 to {n - 1}")
+    if cfg.max_length > encoder.max_position_embeddings:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds the {encoder.max_position_embeddings} positions of the "
+                          f"teacher {where}")
+    try:
+        student_config_from_teacher(encoder, len(layers))
+    except ValueError as e:
+        raise ConfigError(f"the teacher {where} cannot seed a DistilBERT student: {e}") from None
 
 
 def check_kmeans_has_enough_vectors(cfg: TrainConfig, bottleneck: BottleneckConfig, train: CustomDataset) -> None:
