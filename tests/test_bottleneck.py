@@ -302,3 +302,17 @@ def test_split_projection_needs_heads_to_divide_dim():
     with pytest.raises(ValueError, match="split"):
         DiscreteKeyBottleneck(DIM, BottleneckConfig(num_heads=5))
     assert DiscreteKeyBottleneck(DIM, BottleneckConfig(num_heads=5, projection="random")).key_dim == DIM // 5
+
+
+def test_key_passes_do_not_end_on_the_longest_examples():
+    """The EMA weighs its last batches most: with one vector per token the pass's batches are shuffled (of like
+    lengths, each example once), not sorted so that the longest examples come last; with one vector per
+    example (cls pooling) the dataset's own order stays."""
+    from keydistill.train.teacher import key_pass_batches
+    lengths = [1 + (7 * i) % 40 for i in range(400)]
+    batches = key_pass_batches(lengths, 16, seed=3, key_pass=0)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    last = [lengths[i] for b in batches[-5:] for i in b]
+    assert sum(last) / len(last) < max(lengths) - 5  # length-sorted, the last 80 would average 38.5
+    assert batches != key_pass_batches(lengths, 16, seed=3, key_pass=1)  # each pass its own order
+    assert key_pass_batches([1] * 40, 16, seed=3, key_pass=0) == [list(range(16)), list(range(16, 32)), list(range(32, 40))]

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from keydistill.data import Collator, eval_batches
+from keydistill.data import Collator, eval_batches, length_bucketed_batches
 from keydistill.models import BertWithKeyBottleneck, load_model
 from keydistill.train import distributed
 from keydistill.train.config import RunError
@@ -90,11 +90,20 @@ def key_passes(run, bottleneck, train: FeatureDataset) -> None:
     empty = {"hidden": train.features[0].new_zeros(0, 1, train.features[0].shape[-1]),
              "attention_mask": torch.zeros(0, 1, dtype=torch.long, device=run.device)}
     for p in range(run.cfg.key_passes):
-        order = eval_batches(train.lengths(), size)
+        order = key_pass_batches(train.lengths(), size, run.cfg.seed, p)
         for global_batch in progress_bar(order, desc=f"key EMA pass {p + 1}/{run.cfg.key_passes}", unit="batch"):
             mine = distributed.chunk(global_batch, run.ranks)
             batch = next(batches_on(run.device, train, collate_features, [mine]))[1] if mine else empty
             bottleneck(batch["hidden"], batch["attention_mask"])
+
+
+def key_pass_batches(lengths: list[int], size: int, seed: int, key_pass: int) -> list[list[int]]:
+    """The batches of one EMA pass. The EMA weighs its last batches most, so they must not be the longest
+    examples, as length-sorted batches would end (mean pooling: one vector per token): shuffled batches of
+    like lengths, the same on every rank. One vector per example (cls pooling): the dataset's own order."""
+    if len(set(lengths)) <= 1:
+        return eval_batches(lengths, size)
+    return length_bucketed_batches(lengths, size, seed, key_pass)
 
 
 def init_keys(run, model, features: FeatureDataset) -> None:
