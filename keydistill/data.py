@@ -194,15 +194,32 @@ class _RowErrors:
         self.skipped += 1
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_line(raw: bytes, number: int, name: str) -> str:
+    """One line of a file as text, without its line ending; DataError naming name:line:column otherwise.
+
+    Line 1 loses a UTF-8 byte-order mark (MRPC's header starts with one). It is cut off before decoding, so
+    the error's offsets index the bytes that were decoded. The column counts characters, as an editor shows
+    them (the invisible mark not among them), not bytes: "café \\xff" is column 6.
+    """
+    body = raw[len(_BOM):] if number == 1 and raw.startswith(_BOM) else raw
+    try:
+        return body.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        column = len(body[:e.start].decode("utf-8")) + 1  # everything before the error decodes
+        raise DataError(f"{name}:{number}:{column}: undecodable bytes (not UTF-8): {body[e.start:e.end]!r}") from None
+
+
 def _decoded_lines(path: str, errors: _RowErrors) -> Iterator[tuple[int, str | None]]:
     """(1-based line number, text) per line; text is None for a line that is not valid UTF-8 and was skipped."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                # utf-8-sig drops a byte-order mark (MRPC's header starts with one); a no-op elsewhere
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                errors.bad_row(f"{path}:{number}:{e.start + 1}: undecodable bytes (not UTF-8): {raw[e.start:e.end]!r}")
+                yield number, decode_line(raw, number, path)
+            except DataError as e:
+                errors.bad_row(str(e))
                 yield number, None
 
 

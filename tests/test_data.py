@@ -201,6 +201,17 @@ def test_undecodable_bytes(sst2_dir):
         load_task("sst2", str(sst2_dir), val_size=1)
 
 
+def test_undecodable_bytes_column_counts_characters_after_a_byte_order_mark(sst2_dir):
+    path = sst2_dir / "SST-2" / "train.tsv"
+    path.write_bytes(b"\xef\xbb\xbfsen\xfftence\tlabel\nok\t1\n")
+    with pytest.raises(DataError, match=rf"{path}:1:4: undecodable bytes \(not UTF-8\): b'\\xff'"):
+        load_task("sst2", str(sst2_dir), val_size=1)
+    path.write_bytes("sentence\tlabel\nok\t1\ncafé naïve ".encode() + b"\xe9\xff\t0\n")
+    column = len("café naïve ") + 1  # characters, not the 13 bytes before the bad one
+    with pytest.raises(DataError, match=rf"{path}:3:{column}: undecodable bytes \(not UTF-8\): b'\\xe9'"):
+        load_task("sst2", str(sst2_dir), val_size=1)
+
+
 def test_val_size_must_leave_training_rows(sst2_dir):
     with pytest.raises(DataError, match="leaves no training rows"):
         load_task("sst2", str(sst2_dir), val_size=30)
