@@ -9,6 +9,7 @@ Bad rows are only ever skipped behind an explicit `skip_bad_rows=True`, and the 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import warnings
@@ -226,9 +227,13 @@ def _decoded_lines(path: str, errors: _RowErrors) -> Iterator[tuple[int, str | N
 def _parse_label(task: GlueTask, value: str, where: str) -> float | int:
     if task.is_regression:
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
             raise DataError(f"{where}: label {value!r} is not a number") from None
+        # float() takes "nan" and "inf"; such a label makes the loss NaN and the correlations 0 without a word
+        if not math.isfinite(score):
+            raise DataError(f"{where}: label {value!r} is not a finite number")
+        return score
     if value not in task.label_values:
         raise DataError(f"{where}: label {value!r} is not in the label set {list(task.label_values)} of {task.name}")
     return task.label_values.index(value)

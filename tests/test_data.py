@@ -188,6 +188,17 @@ def test_regression_label_not_a_number(tmp_path):
         load_task("stsb", str(tmp_path))
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "NaN"])
+def test_regression_label_not_finite(tmp_path, value):
+    header = "sentence1\tsentence2\tscore"
+    path = write_tsv(tmp_path, "STS-B", "train", [header] + ["a\tb\t1.0"] * 4 + [f"a\tb\t{value}"])
+    write_tsv(tmp_path, "STS-B", "dev", [header, "c\td\t2.5"])
+    with pytest.raises(DataError, match=rf"{path}:6:3 \(column 'score'\): label '{value}' is not a finite number"):
+        load_task("stsb", str(tmp_path), val_size=1)
+    loaded = load_task("stsb", str(tmp_path), val_size=1, skip_bad_rows=True)  # a bad row like any other
+    assert loaded.skipped_rows == 1 and sorted(e.label for e in loaded.train + loaded.val) == [1.0] * 4
+
+
 def test_empty_split(sst2_dir):
     path = write_tsv(sst2_dir, "SST-2", "dev", ["sentence\tlabel"])
     with pytest.raises(DataError, match=rf"{path}: no usable rows \(empty split\)"):
