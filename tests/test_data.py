@@ -175,6 +175,14 @@ def test_wrong_field_count(sst2_dir):
         load_task("sst2", str(sst2_dir), val_size=1)
 
 
+def test_fields_are_split_on_tabs_only(tmp_path):
+    # csv.reader raised on both: a field over its 131,072-character limit, and a carriage return inside a field
+    long, with_cr = "word " * 40_000, "good\rfilm"
+    path = write_tsv(tmp_path, "SST-2", "dev", ["sentence\tlabel", f"{long}\t1", f"{with_cr}\t0", 'a "quoted\t1'])
+    assert data.read_glue_tsv(TASKS["sst2"], str(path), data._RowErrors(skip=False)) == [
+        data.Example((long,), 1), data.Example((with_cr,), 0), data.Example(('a "quoted',), 1)]
+
+
 def test_label_outside_label_set(sst2_dir):
     path = write_tsv(sst2_dir, "SST-2", "dev", sst2_rows(3) + ["fine\t2"])
     with pytest.raises(DataError, match=rf"{path}:5:2 \(column 'label'\): label '2' is not in the label set"):
