@@ -245,6 +245,14 @@ def _split_fields(text: str) -> list[str]:
     return text.split("\t") if text else []
 
 
+def _field_count_column(text: str, fields: list[str], expected: int) -> int:
+    """The 1-based character column of the first extra field, or, for too few fields, the end of the line,
+    where the next field's tab is missing."""
+    if len(fields) > expected:
+        return len("\t".join(fields[:expected])) + 2  # past the kept fields and the tab before the extra one
+    return len(text) + 1
+
+
 def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bool = True) -> list[Example]:
     """Examples from one GLUE TSV file. Quoting is off: GLUE sentences contain bare '"' characters.
 
@@ -271,7 +279,8 @@ def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bo
             continue  # an undecodable line, already counted as skipped
         fields = _split_fields(text)
         if len(fields) != len(header):
-            errors.bad_row(f"{path}:{number}:{len(fields)}: expected {len(header)} tab-separated fields, found {len(fields)}")
+            column = _field_count_column(text, fields, len(header))
+            errors.bad_row(f"{path}:{number}:{column}: expected {len(header)} tab-separated fields, found {len(fields)}")
             continue
         if not labelled:
             examples.append(Example(tuple(fields[p] for p in positions), None))

@@ -169,10 +169,22 @@ def test_missing_column(tmp_path):
         load_task("sst2", str(tmp_path))
 
 
-def test_wrong_field_count(sst2_dir):
-    path = write_tsv(sst2_dir, "SST-2", "train", sst2_rows(5) + ["one\ttoo\tmany"] + sst2_rows(5)[1:])
-    with pytest.raises(DataError, match=rf"{path}:7:3: expected 2 tab-separated fields, found 3"):
+@pytest.mark.parametrize("row, column, found", [
+    ("one\ttoo\tmany", len("one\ttoo\t") + 1, 3),  # the extra field starts after the second tab
+    ("café\t1\t", len("café\t1\t") + 1, 3),  # an empty extra field: just past the end, in characters
+    ("bad film", len("bad film") + 1, 1),  # the missing field: the end of the line, where its tab is not
+    ("", 1, 0),  # a blank line
+])
+def test_wrong_field_count_names_the_column_of_the_missing_or_extra_field(sst2_dir, row, column, found):
+    path = write_tsv(sst2_dir, "SST-2", "train", sst2_rows(5) + [row] + sst2_rows(5)[1:])
+    with pytest.raises(DataError, match=rf"{path}:7:{column}: expected 2 tab-separated fields, found {found}"):
         load_task("sst2", str(sst2_dir), val_size=1)
+
+
+def test_blank_line_is_a_bad_row_in_a_one_column_file(tmp_path):
+    path = write_tsv(tmp_path, "SST-2", "test", ["sentence", "fine", "", "good"])  # GLUE-test-like: texts only
+    with pytest.raises(DataError, match=rf"{path}:3:1: expected 1 tab-separated fields, found 0"):
+        data.read_glue_tsv(TASKS["sst2"], str(path), data._RowErrors(skip=False), labelled=False)
 
 
 def test_fields_are_split_on_tabs_only(tmp_path):

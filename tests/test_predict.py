@@ -194,7 +194,7 @@ def test_cli_reads_a_glue_file_by_its_task_columns(folders, tmp_path, capsys, mo
     # a bad row of a GLUE file names its line; the label is not needed, a missing text column is
     dev.write_text("sentence\tlabel\ngood movie\t1\nfun\n")
     code, _, err = run_cli(capsys, monkeypatch, folders[1], "--input", dev)
-    assert code == 2 and f"{dev}:3:1: expected 2 tab-separated fields" in err
+    assert code == 2 and f"{dev}:3:4: expected 2 tab-separated fields" in err  # the end of "fun": no tab there
     unlabelled = tmp_path / "test.tsv"  # GLUE test files: index and sentence, no label
     unlabelled.write_text("index\tsentence\n0\tgood movie\n1\tboring plot\n")
     code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", unlabelled)
