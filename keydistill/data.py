@@ -8,7 +8,7 @@ Bad rows are only ever skipped behind an explicit `skip_bad_rows=True`, and the 
 """
 from __future__ import annotations
 
-import csv
+import math
 import os
 import random
 import warnings
@@ -194,27 +194,63 @@ class _RowErrors:
         self.skipped += 1
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_line(raw: bytes, number: int, name: str) -> str:
+    """One line of a file as text, without its line ending; DataError naming name:line:column otherwise.
+
+    Line 1 loses a UTF-8 byte-order mark (MRPC's header starts with one). It is cut off before decoding, so
+    the error's offsets index the bytes that were decoded. The column counts characters, as an editor shows
+    them (the invisible mark not among them), not bytes: "café \\xff" is column 6.
+    """
+    body = raw[len(_BOM):] if number == 1 and raw.startswith(_BOM) else raw
+    try:
+        return body.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        column = len(body[:e.start].decode("utf-8")) + 1  # everything before the error decodes
+        raise DataError(f"{name}:{number}:{column}: undecodable bytes (not UTF-8): {body[e.start:e.end]!r}") from None
+
+
 def _decoded_lines(path: str, errors: _RowErrors) -> Iterator[tuple[int, str | None]]:
     """(1-based line number, text) per line; text is None for a line that is not valid UTF-8 and was skipped."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                # utf-8-sig drops a byte-order mark (MRPC's header starts with one); a no-op elsewhere
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                errors.bad_row(f"{path}:{number}:{e.start + 1}: undecodable bytes (not UTF-8): {raw[e.start:e.end]!r}")
+                yield number, decode_line(raw, number, path)
+            except DataError as e:
+                errors.bad_row(str(e))
                 yield number, None
 
 
 def _parse_label(task: GlueTask, value: str, where: str) -> float | int:
     if task.is_regression:
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
             raise DataError(f"{where}: label {value!r} is not a number") from None
+        # float() takes "nan" and "inf"; such a label makes the loss NaN and the correlations 0 without a word
+        if not math.isfinite(score):
+            raise DataError(f"{where}: label {value!r} is not a finite number")
+        return score
     if value not in task.label_values:
         raise DataError(f"{where}: label {value!r} is not in the label set {list(task.label_values)} of {task.name}")
     return task.label_values.index(value)
+
+
+def _split_fields(text: str) -> list[str]:
+    """A row's tab-separated fields. Quoting is off, so a tab is the only separator and nothing else is
+    special (csv.reader would add only a 131,072-character field limit and errors on a bare carriage return).
+    An empty line has no fields, not one empty field: it is a bad row even in a one-column file."""
+    return text.split("\t") if text else []
+
+
+def _field_count_column(text: str, fields: list[str], expected: int) -> int:
+    """The 1-based character column of the first extra field, or, for too few fields, the end of the line,
+    where the next field's tab is missing."""
+    if len(fields) > expected:
+        return len("\t".join(fields[:expected])) + 2  # past the kept fields and the tab before the extra one
+    return len(text) + 1
 
 
 def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bool = True) -> list[Example]:
@@ -241,9 +277,10 @@ def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bo
     for number, text in lines:
         if text is None:
             continue  # an undecodable line, already counted as skipped
-        fields = next(csv.reader([text], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+        fields = _split_fields(text)
         if len(fields) != len(header):
-            errors.bad_row(f"{path}:{number}:{len(fields)}: expected {len(header)} tab-separated fields, found {len(fields)}")
+            column = _field_count_column(text, fields, len(header))
+            errors.bad_row(f"{path}:{number}:{column}: expected {len(header)} tab-separated fields, found {len(fields)}")
             continue
         if not labelled:
             examples.append(Example(tuple(fields[p] for p in positions), None))

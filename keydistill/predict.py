@@ -24,7 +24,8 @@ from typing import Iterable, Sequence, Union
 
 import torch
 
-from keydistill.data import TASKS, DataError, GlueTask, _RowErrors, compute_metrics, get_task, read_glue_tsv
+from keydistill.data import (TASKS, DataError, GlueTask, _RowErrors, compute_metrics, decode_line, get_task,
+                             read_glue_tsv)
 from keydistill.models import KeyBottleneckClassifier, load_model
 
 Text = Union[str, Sequence[str]]  # one text, or a (first, second) pair
@@ -139,10 +140,10 @@ def read_plain(path: str, name: str) -> InputRows:
     rows, lines, errors = [], [], []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            try:  # utf-8-sig drops a byte-order mark on the first line
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                errors.append(f"{name}:{number}:{e.start + 1}: undecodable bytes (not UTF-8): {raw[e.start:e.end]!r}")
+            try:  # drops a byte-order mark on the first line
+                text = decode_line(raw, number, name)
+            except DataError as e:
+                errors.append(str(e))
                 continue
             fields = text.split("\t")
             if len(fields) > 2:

@@ -169,10 +169,30 @@ def test_missing_column(tmp_path):
         load_task("sst2", str(tmp_path))
 
 
-def test_wrong_field_count(sst2_dir):
-    path = write_tsv(sst2_dir, "SST-2", "train", sst2_rows(5) + ["one\ttoo\tmany"] + sst2_rows(5)[1:])
-    with pytest.raises(DataError, match=rf"{path}:7:3: expected 2 tab-separated fields, found 3"):
+@pytest.mark.parametrize("row, column, found", [
+    ("one\ttoo\tmany", len("one\ttoo\t") + 1, 3),  # the extra field starts after the second tab
+    ("café\t1\t", len("café\t1\t") + 1, 3),  # an empty extra field: just past the end, in characters
+    ("bad film", len("bad film") + 1, 1),  # the missing field: the end of the line, where its tab is not
+    ("", 1, 0),  # a blank line
+])
+def test_wrong_field_count_names_the_column_of_the_missing_or_extra_field(sst2_dir, row, column, found):
+    path = write_tsv(sst2_dir, "SST-2", "train", sst2_rows(5) + [row] + sst2_rows(5)[1:])
+    with pytest.raises(DataError, match=rf"{path}:7:{column}: expected 2 tab-separated fields, found {found}"):
         load_task("sst2", str(sst2_dir), val_size=1)
+
+
+def test_blank_line_is_a_bad_row_in_a_one_column_file(tmp_path):
+    path = write_tsv(tmp_path, "SST-2", "test", ["sentence", "fine", "", "good"])  # GLUE-test-like: texts only
+    with pytest.raises(DataError, match=rf"{path}:3:1: expected 1 tab-separated fields, found 0"):
+        data.read_glue_tsv(TASKS["sst2"], str(path), data._RowErrors(skip=False), labelled=False)
+
+
+def test_fields_are_split_on_tabs_only(tmp_path):
+    # csv.reader raised on both: a field over its 131,072-character limit, and a carriage return inside a field
+    long, with_cr = "word " * 40_000, "good\rfilm"
+    path = write_tsv(tmp_path, "SST-2", "dev", ["sentence\tlabel", f"{long}\t1", f"{with_cr}\t0", 'a "quoted\t1'])
+    assert data.read_glue_tsv(TASKS["sst2"], str(path), data._RowErrors(skip=False)) == [
+        data.Example((long,), 1), data.Example((with_cr,), 0), data.Example(('a "quoted',), 1)]
 
 
 def test_label_outside_label_set(sst2_dir):
@@ -188,6 +208,17 @@ def test_regression_label_not_a_number(tmp_path):
         load_task("stsb", str(tmp_path))
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "NaN"])
+def test_regression_label_not_finite(tmp_path, value):
+    header = "sentence1\tsentence2\tscore"
+    path = write_tsv(tmp_path, "STS-B", "train", [header] + ["a\tb\t1.0"] * 4 + [f"a\tb\t{value}"])
+    write_tsv(tmp_path, "STS-B", "dev", [header, "c\td\t2.5"])
+    with pytest.raises(DataError, match=rf"{path}:6:3 \(column 'score'\): label '{value}' is not a finite number"):
+        load_task("stsb", str(tmp_path), val_size=1)
+    loaded = load_task("stsb", str(tmp_path), val_size=1, skip_bad_rows=True)  # a bad row like any other
+    assert loaded.skipped_rows == 1 and sorted(e.label for e in loaded.train + loaded.val) == [1.0] * 4
+
+
 def test_empty_split(sst2_dir):
     path = write_tsv(sst2_dir, "SST-2", "dev", ["sentence\tlabel"])
     with pytest.raises(DataError, match=rf"{path}: no usable rows \(empty split\)"):
@@ -198,6 +229,17 @@ def test_undecodable_bytes(sst2_dir):
     path = sst2_dir / "SST-2" / "train.tsv"
     path.write_bytes(b"sentence\tlabel\nok\t1\nbad \xff byte\t0\n")
     with pytest.raises(DataError, match=rf"{path}:3:5: undecodable bytes"):
+        load_task("sst2", str(sst2_dir), val_size=1)
+
+
+def test_undecodable_bytes_column_counts_characters_after_a_byte_order_mark(sst2_dir):
+    path = sst2_dir / "SST-2" / "train.tsv"
+    path.write_bytes(b"\xef\xbb\xbfsen\xfftence\tlabel\nok\t1\n")
+    with pytest.raises(DataError, match=rf"{path}:1:4: undecodable bytes \(not UTF-8\): b'\\xff'"):
+        load_task("sst2", str(sst2_dir), val_size=1)
+    path.write_bytes("sentence\tlabel\nok\t1\ncafé naïve ".encode() + b"\xe9\xff\t0\n")
+    column = len("café naïve ") + 1  # characters, not the 13 bytes before the bad one
+    with pytest.raises(DataError, match=rf"{path}:3:{column}: undecodable bytes \(not UTF-8\): b'\\xe9'"):
         load_task("sst2", str(sst2_dir), val_size=1)
 
 

@@ -170,6 +170,17 @@ def test_cli_reports_every_bad_line_and_writes_nothing(folders, tmp_path, capsys
     assert code == 2 and "error:" in err
 
 
+def test_undecodable_bytes_name_their_character_column_and_bytes(tmp_path):
+    from keydistill.data import DataError
+    from keydistill.predict import read_plain
+    bad = tmp_path / "bad.txt"  # a byte-order mark, then a bad byte on line 1; on line 2 after a 2-byte é
+    bad.write_bytes(b"\xef\xbb\xbfab\xff\n" + "café ".encode() + b"\xff\n")
+    with pytest.raises(DataError) as raised:
+        read_plain(str(bad), "in.txt")
+    assert str(raised.value).splitlines() == ["in.txt:1:3: undecodable bytes (not UTF-8): b'\\xff'",
+                                              f"in.txt:2:{len('café ') + 1}: undecodable bytes (not UTF-8): b'\\xff'"]
+
+
 def test_cli_reads_a_glue_file_by_its_task_columns(folders, tmp_path, capsys, monkeypatch):
     dev = tmp_path / "dev.tsv"  # SST-2's layout: a header, the sentence, then the label
     dev.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(SENTENCES)))
@@ -183,7 +194,7 @@ def test_cli_reads_a_glue_file_by_its_task_columns(folders, tmp_path, capsys, mo
     # a bad row of a GLUE file names its line; the label is not needed, a missing text column is
     dev.write_text("sentence\tlabel\ngood movie\t1\nfun\n")
     code, _, err = run_cli(capsys, monkeypatch, folders[1], "--input", dev)
-    assert code == 2 and f"{dev}:3:1: expected 2 tab-separated fields" in err
+    assert code == 2 and f"{dev}:3:4: expected 2 tab-separated fields" in err  # the end of "fun": no tab there
     unlabelled = tmp_path / "test.tsv"  # GLUE test files: index and sentence, no label
     unlabelled.write_text("index\tsentence\n0\tgood movie\n1\tboring plot\n")
     code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", unlabelled)
