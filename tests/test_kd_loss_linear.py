@@ -48,6 +48,24 @@ def test_matches_unfused_float64(backend, seed, reduction):
     assert (got_grads[0][~mask] == 0).all()  # masked rows get no gradient
 
 
+def test_under_autocast_the_heads_run_in_its_dtype(seed):
+    """Under bfloat16 autocast, float32 hidden states and head run in bfloat16 as F.linear would (no dtype
+    clash in the chunked matmuls), with float32 gradients for the float32 inputs; against float64, at
+    bfloat16's precision."""
+    n, h, vocab = 23, 16, 41
+    head = student_head(n, h, vocab, "cpu")
+    teacher = torch.randn(n, vocab) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads, upstream = grads_of(
+            lambda x, w, b: ops.kd_loss_linear(x, w, teacher, student_bias=b, temperature=2.0, chunk_size=8), head)
+    want, want_grads, _ = grads_of(lambda x, w, b: unfused64(x, w, b, teacher, temperature=2.0),
+                                   [t.double() for t in head], upstream.double())
+    torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=5e-2, atol=2e-2)
+
+
 def test_teacher_as_linear_head_and_default_chunks(backend, seed):
     device = backend_device(backend)
     n, h, vocab = 29, 16, 77

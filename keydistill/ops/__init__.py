@@ -104,15 +104,28 @@ def kd_loss_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         fused   ~ 2*c*V*e (logits chunk + its gradient) + (N*h + V*h + V)*e (the gradients)
         unfused ~ 2*N*V*e (logits + their gradient)      + (N*h + V*h + V)*e
     At N=8192, h=768, V=30522, fp32 (c=256): fused ~ 0.18 GB against unfused ~ 2.1 GB (about 9%).
+    Under autocast the linear heads run in its dtype, as torch.nn.functional.linear would (the inputs are
+    cast, differentiably, so float32 parameters get float32 gradients).
     """
+    device_type = student_hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast_dtype(
+            device_type, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     _checks.check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                                  teacher_weight, teacher_bias, temperature, mask, reduction, chunk_size)
     name = resolve("kd_loss_linear", backend, student_hidden.device)
     kd_rows = implementation(name).kd_loss_rows
-    return reference.kd_loss_linear(
-        student_hidden, student_weight, teacher_logits, temperature=float(temperature), student_bias=student_bias,
-        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias, mask=mask,
-        reduction=reduction, chunk_size=chunk_size, kd_rows=kd_rows)
+    with torch.autocast(device_type, enabled=False):  # the chunks' matmuls write into buffers of the inputs' dtype
+        return reference.kd_loss_linear(
+            student_hidden, student_weight, teacher_logits, temperature=float(temperature), student_bias=student_bias,
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias, mask=mask,
+            reduction=reduction, chunk_size=chunk_size, kd_rows=kd_rows)
+
+
+def _autocast_dtype(device_type: str, *tensors):
+    """The floating-point tensors (None kept) in autocast's dtype for device_type."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor,
