@@ -101,6 +101,17 @@ def test_nearest_key_all_keys_equal(backend):
     assert (index == 0).all()
 
 
+def test_nearest_key_ignores_autocast(backend, seed):
+    """Under bfloat16 autocast (a --bf16 run) the choice is still float32's: torch's fallback would otherwise
+    score 257 keys in bfloat16 and flip close ones."""
+    device = backend_device(backend)
+    x, keys = torch.randn(301, 3, 48, device=device), torch.randn(3, 257, 48, device=device)
+    want = ops.nearest_key(x, keys, backend=backend)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = ops.nearest_key(x, keys, backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("d", [12, 96])
 def test_nearest_key_non_contiguous(backend, seed, d):
     device = backend_device(backend)

@@ -27,11 +27,12 @@ def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, backend: str = "auto"):
 
     index[n, h] minimises ||x[n, h] - keys[h, k]||^2 over k (ties to the lowest k); sqdist is that distance,
     accumulated in float32. No backend materialises all N x K distances at once (the torch fallback works
-    in chunks of at most reference.NEAREST_KEY_CHUNK_BYTES).
+    in chunks of at most reference.NEAREST_KEY_CHUNK_BYTES); also under autocast, which would run the torch
+    fallback's distance matmul in bfloat16 and flip close choices.
     """
     _checks.check_nearest_key(x, keys)
     impl = implementation(resolve("nearest_key", backend, x.device))
-    with torch.no_grad():  # a discrete choice: no gradient flows through it
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # a discrete choice: no gradient
         return impl.nearest_key(x, keys)
 
 
