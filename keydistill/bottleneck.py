@@ -272,8 +272,8 @@ class DiscreteKeyBottleneck(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BottleneckOutput:
         positions = self._kept_positions(hidden, attention_mask)
         # [N, H, d]; cls pooling keeps each row's first token, taken without a boolean mask (whose indexing
-        # waits for the accelerator to count the kept positions)
-        queries = self.project(hidden[:, 0] if self.config.pooling == "cls" else hidden[positions])
+        # waits for the accelerator to count the kept positions), in the same contiguous layout
+        queries = self.project(hidden[:, 0].contiguous() if self.config.pooling == "cls" else hidden[positions])
         index, _ = ops.nearest_key(queries.detach(), self.keys)
         heads = torch.arange(self.config.num_heads, device=index.device)
         assigned = self.keys[heads, index]  # [N, H, d]: a copy, so the EMA below cannot disturb autograd
