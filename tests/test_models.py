@@ -323,3 +323,20 @@ def test_from_pretrained_options(seed, tmp_path):
         DistilBertWithKeyBottleneck.from_pretrained(tmp_path, device_map={"": 0})
     with pytest.raises(TypeError, match="BertWithKeyBottleneck"):
         BertWithKeyBottleneck.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config with fewer layers"])
+def test_a_damaged_folder_is_one_line_naming_the_weights_file(seed, tmp_path, damage):
+    student_from_teacher(tiny_teacher()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        expected = "not a readable safetensors file"
+    else:
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["n_layers"] -= 1  # the weights still hold the last layer
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        expected = r"does not fit the model that the config in .* describes: \d+ unexpected \(e\.g\. encoder\."
+    with pytest.raises(ValueError, match=expected) as caught:
+        load_model(tmp_path)
+    assert str(weights) in str(caught.value) and "\n" not in str(caught.value)

@@ -1,6 +1,8 @@
 """Predictor, the `python -m keydistill.predict` command line, and transformers' Auto classes / pipeline."""
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -12,8 +14,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import keydistill  # noqa: F401 -- registers the model types with transformers
 from keydistill.data import get_task
 from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model
-from keydistill.predict import Predictor, main
-from tiny_models import REPO, SENTENCES, write_folders
+from keydistill.predict import Predictor, detect_task, main
+from tiny_models import REPO, SENTENCES, WORDS, write_folders
 
 PAIRS = [("good movie", "great film"), ("boring plot", "superb acting , fine plot")]
 
@@ -28,6 +30,15 @@ def folders(tmp_path_factory):
 def regression_folders(tmp_path_factory):
     """An STS-B-like pair (regression, mean pooling)."""
     return write_folders(tmp_path_factory.mktemp("stsb"), num_labels=1, label_names=(), pooling="mean", seed=1)
+
+
+def relabelled(folder, names, to):
+    """A copy of a model folder whose classes have other names (e.g. another task's)."""
+    model = load_model(folder)
+    model.set_label_names(names)
+    model.save_pretrained(to)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(to)
+    return to
 
 
 def one_by_one(folder, texts):
@@ -76,6 +87,24 @@ def test_predict_rejects_what_is_not_text(folders):
         predictor.predict(["good", ("a", "b", "c")])
     with pytest.raises(TypeError, match="input 0"):
         predictor.predict([3])
+
+
+def test_fixture_tokenizer_knows_its_words(folders):
+    """The folders' tokenizer maps every test word to its own id: the tests exercise real tokenization."""
+    tokenizer = AutoTokenizer.from_pretrained(folders[1])
+    ids = tokenizer(" ".join(WORDS), add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(WORDS) and len(set(ids)) == len(WORDS) and tokenizer.unk_token_id not in ids
+
+
+def test_a_folder_without_tokenizer_files_is_an_error(folders, tmp_path, capsys, monkeypatch):
+    bare = tmp_path / "bare"  # the model alone: transformers 5 would load an empty-vocabulary tokenizer
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folders[1] / name, bare / name)
+    with pytest.raises(OSError, match=r"bare: no tokenizer \(tokenizer_config.json\)"):
+        Predictor.from_pretrained(bare, device="cpu")
+    code, out, err = run_cli(capsys, monkeypatch, bare, stdin=b"good movie\n")
+    assert code == 2 and out == "" and err == f"error: {bare}: no tokenizer (tokenizer_config.json)\n"
 
 
 # ---- label names travel with the folders ----------------------------------------------------------------
@@ -195,6 +224,7 @@ def test_cli_reads_a_glue_file_by_its_task_columns(folders, tmp_path, capsys, mo
     dev.write_text("sentence\tlabel\ngood movie\t1\nfun\n")
     code, _, err = run_cli(capsys, monkeypatch, folders[1], "--input", dev)
     assert code == 2 and f"{dev}:3:4: expected 2 tab-separated fields" in err  # the end of "fun": no tab there
+    assert "--skip-bad-rows" not in err  # a training flag; predict has none
     unlabelled = tmp_path / "test.tsv"  # GLUE test files: index and sentence, no label
     unlabelled.write_text("index\tsentence\n0\tgood movie\n1\tboring plot\n")
     code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", unlabelled)
@@ -206,7 +236,8 @@ def test_cli_reads_a_glue_file_by_its_task_columns(folders, tmp_path, capsys, mo
 def test_cli_headerless_cola_with_task_flag(folders, tmp_path, capsys, monkeypatch):
     cola = tmp_path / "cola.tsv"
     cola.write_text("".join(f"src\t{i % 2}\t*\t{s}\n" for i, s in enumerate(SENTENCES[:4])))
-    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--input", cola, "--task", "cola")
+    cola_model = relabelled(folders[1], get_task("cola").label_names, tmp_path / "cola_model")
+    code, out, err = run_cli(capsys, monkeypatch, cola_model, "--input", cola, "--task", "cola")
     assert code == 0, err
     assert [line.split("\t")[0] for line in out.splitlines()[1:]] == ["1", "2", "3", "4"]
     assert "cola on 4 labelled rows: mcc=" in err
@@ -227,3 +258,91 @@ def test_python_dash_m_entry_point(folders, tmp_path):
                           input="good movie\nboring plot\n", capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.read_text().splitlines()[0] == "line\tlabel\tscore" and len(out.read_text().splitlines()) == 3
+
+
+# ---- scoring only under the task's own labels -----------------------------------------------------------
+
+RTE_HEADER = ["index", "sentence1", "sentence2", "label"]  # WNLI's dev file has the same header
+
+
+def test_rte_and_wnli_headers_are_told_apart_by_the_models_label_names():
+    rte, wnli = get_task("rte"), get_task("wnli")
+    assert detect_task(RTE_HEADER, rte.label_names) == (rte, True)
+    assert detect_task(RTE_HEADER, wnli.label_names) == (wnli, True)
+    for names in (None, ("negative", "positive"), ("LABEL_0", "LABEL_1")):  # neither task: no labels read
+        task, labelled = detect_task(RTE_HEADER, names)
+        assert task.text_columns == rte.text_columns and not labelled
+
+
+@pytest.fixture
+def rte_dev(tmp_path):
+    """An RTE-style dev file: pairs labelled entailment / not_entailment."""
+    dev = tmp_path / "dev.tsv"
+    rows = [f"{i}\t{a}\t{b}\t{('entailment', 'not_entailment')[i % 2]}" for i, (a, b) in enumerate(PAIRS * 3)]
+    dev.write_text("\t".join(RTE_HEADER) + "\n" + "\n".join(rows) + "\n")
+    return dev
+
+
+def test_a_glue_file_is_scored_under_its_own_labels_only(folders, rte_dev, tmp_path, capsys, monkeypatch):
+    rte_model = relabelled(folders[1], get_task("rte").label_names, tmp_path / "rte_model")
+    code, out, err = run_cli(capsys, monkeypatch, rte_model, "--input", rte_dev)
+    assert code == 0, err
+    assert "as a GLUE rte file" in err  # not STS-B, whose text columns are the same
+    predicted = [line.split("\t")[1] for line in out.splitlines()[1:]]
+    gold = [line.split("\t")[3] for line in rte_dev.read_text().splitlines()[1:]]
+    accuracy = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+    assert f"rte on {len(gold)} labelled rows: accuracy={accuracy:.4f}" in err
+    # WNLI's names in the other order: class 0 means not_entailment, so RTE's ids would score it backwards
+    wnli_model = relabelled(folders[1], get_task("wnli").label_names, tmp_path / "wnli_model")
+    code, _, err = run_cli(capsys, monkeypatch, wnli_model, "--input", rte_dev, "--task", "rte")
+    assert code == 0, err
+    assert "labelled rows" not in err
+    assert "no rte metrics: the model's labels (not_entailment, entailment) are not rte's (entailment, not_entailment)" in err
+    code, _, err = run_cli(capsys, monkeypatch, folders[1], "--input", rte_dev)  # an SST-2 model: no task fits
+    assert code == 0 and "labelled rows" not in err and "--task says which" in err
+
+
+# ---- command-line mistakes are one line, exit status 2 ----------------------------------------------------
+
+def test_cli_mistakes_are_one_error_line(folders, tmp_path, capsys, monkeypatch):
+    folder = folders[1]
+    limit = load_model(folder).config.max_position_embeddings
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without a GPU
+    cases = {("--device", "foo"): "device 'foo' is not a device name",
+             ("--device", "cuda"): "device 'cuda': no CUDA GPU is available here",
+             ("--max-length", "0"): "--max-length must be >= 1, got 0",
+             ("--max-length", "-5"): "--max-length must be >= 1, got -5",
+             ("--max-length", str(limit + 1)): f"--max-length {limit + 1} is over the {limit} positions of",
+             ("--output", tmp_path): f"--output {tmp_path}: is a directory",
+             ("--output", tmp_path / "nope" / "out.tsv"): f"--output {tmp_path / 'nope' / 'out.tsv'}: no folder"}
+    for args, message in cases.items():
+        code, out, err = run_cli(capsys, monkeypatch, folder, *args, stdin=b"good movie\n")
+        assert code == 2 and out == "", (args, err)
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
+    with pytest.raises(ValueError, match="max_length must be between 1 and"):
+        Predictor.from_pretrained(folder, device="cpu", max_length=limit + 1)
+    # a valid --max-length truncates: the CLI predicts what the Predictor does at that length
+    code, out, err = run_cli(capsys, monkeypatch, folder, "--max-length", "3", stdin=b"boring plot and awful acting\n")
+    expected = Predictor.from_pretrained(folder, device="cpu", max_length=3).predict(["boring plot and awful acting"])[0]
+    assert code == 0 and float(out.splitlines()[1].split("\t")[2]) == pytest.approx(expected.score, abs=1e-6)
+
+
+def test_cli_damaged_weights_are_one_error_line(folders, tmp_path, capsys, monkeypatch):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folders[1], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, out, err = run_cli(capsys, monkeypatch, damaged, stdin=b"good movie\n")
+    assert code == 2 and out == "" and err.startswith(f"error: {weights}: not a readable safetensors file")
+
+
+def test_a_closed_stdout_ends_quietly(folders):
+    """`predict ... | head -1`: the reader leaves; no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "keydistill.predict", str(folders[1])], input=b"good movie\n" * 50,
+                              stdout=write, stderr=subprocess.PIPE, cwd=REPO, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr, done.stderr

@@ -21,9 +21,18 @@ def tokenizer_in(folder: Path) -> BertTokenizerFast:
     """A word-level BERT tokenizer over WORDS, saved into folder."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *WORDS]
+    vocab.write_text("\n".join(tokens) + "\n")
+    tokenizer = vocab_tokenizer(vocab, len(tokens))
     tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def vocab_tokenizer(vocab: Path, size: int) -> BertTokenizerFast:
+    """A BERT tokenizer over the vocab file. The path goes positionally: transformers 5.x ignores the
+    vocab_file keyword of 4.x and builds a 5-token tokenizer that maps every word to [UNK]."""
+    tokenizer = BertTokenizerFast(str(vocab))
+    assert len(tokenizer) == size, f"the tokenizer has {len(tokenizer)} tokens, {vocab} has {size}"
     return tokenizer
 
 
@@ -71,10 +80,20 @@ def write_folders(root: Path, num_labels: int = 2, label_names=("negative", "pos
 
 
 def center_head(model, tokenizer) -> None:
-    """Shift the head's bias by the median logits on random texts: each class wins on some texts."""
+    """Shift the head's bias so that each class wins on some random texts, and no text ties."""
     batch = tokenizer(random_sentences(seed=1), padding=True, return_tensors="pt")
     with torch.no_grad():
-        model.head.bias -= model.eval()(**batch).logits.median(0).values
+        logits = model.eval()(**batch).logits
+        if logits.shape[1] != 2:
+            model.head.bias -= logits.median(0).values
+            return
+        # Many texts pick the same keys, hence the very same logits: a cut at the median margin would make
+        # them all ties (argmax: class 0). Cut between two distinct margins, as near half the texts as can be.
+        margins = logits[:, 1] - logits[:, 0]
+        distinct = margins.unique()
+        cuts = (distinct[:-1] + distinct[1:]) / 2
+        below = (margins.unsqueeze(0) < cuts.unsqueeze(1)).sum(1)
+        model.head.bias[1] -= cuts[(below - len(margins) / 2).abs().argmin()]
 
 
 def glue_dir() -> Path:

@@ -34,8 +34,12 @@ def make_tiny(root):
     fixture of conftest.py)."""
     model_dir = root / "model"
     model_dir.mkdir()
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (model_dir / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    # The path goes positionally: transformers 5.x ignores 4.x's vocab_file keyword (every word -> [UNK]).
+    tokenizer = BertTokenizerFast(str(model_dir / "vocab.txt"))
+    assert len(tokenizer) == len(tokens), f"the tokenizer has {len(tokenizer)} tokens, the vocab {len(tokens)}"
+    tokenizer.save_pretrained(model_dir)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, PreTrainedModel
@@ -350,8 +351,30 @@ def _restore(cls, directory: str | Path, meta: dict, config: KeyBottleneckConfig
         names = meta["label_names"] if meta["num_labels"] > 1 else None
         config = cls.config_class.from_encoder_config(config, bottleneck, meta["num_labels"], names)
     model = cls(config)
-    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True)
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as e:  # e.g. a truncated copy
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    mismatch = _weights_mismatch(model.state_dict(), weights)
+    if mismatch:  # load_state_dict would list every tensor; one line says what disagrees
+        raise ValueError(f"{path} does not fit the model that the config in {directory} describes: {mismatch}")
+    model.load_state_dict(weights, strict=True)
     return model.eval()
+
+
+def _weights_mismatch(expected: dict, saved: dict) -> str:
+    """How saved tensors disagree with the model a config builds ("" when they fit): counts and a first example."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [k for k in expected if k in saved and expected[k].shape != saved[k].shape]
+    parts = [f"{len(missing)} tensor(s) missing (e.g. {missing[0]})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {k}: saved {list(saved[k].shape)}, "
+                     f"config {list(expected[k].shape)})")
+    return "; ".join(parts)
 
 
 def _load_options(kwargs: dict) -> tuple[torch.dtype | None, torch.device | None]:
