@@ -28,7 +28,8 @@ from torch import nn
 
 from keydistill.bottleneck import DiscreteKeyBottleneck
 from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier, load_model
-from keydistill.predict import has_tokenizer, load_error
+from keydistill.predict import has_tokenizer
+from keydistill.predict.cli import load_error
 
 DEFAULT_OPSET = 17
 # Sentences of varied length for the export trace (a padded batch, so that the traced graph keeps the

@@ -14,7 +14,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import keydistill  # noqa: F401 -- registers the model types with transformers
 from keydistill.data import get_task
 from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model
-from keydistill.predict import Predictor, detect_task, main
+from keydistill.predict import Predictor
+from keydistill.predict.cli import main
+from keydistill.predict.inputs import detect_task
 from tiny_models import REPO, SENTENCES, WORDS, write_folders
 
 PAIRS = [("good movie", "great film"), ("boring plot", "superb acting , fine plot")]
@@ -201,7 +203,7 @@ def test_cli_reports_every_bad_line_and_writes_nothing(folders, tmp_path, capsys
 
 def test_undecodable_bytes_name_their_character_column_and_bytes(tmp_path):
     from keydistill.data import DataError
-    from keydistill.predict import read_plain
+    from keydistill.predict.inputs import read_plain
     bad = tmp_path / "bad.txt"  # a byte-order mark, then a bad byte on line 1; on line 2 after a 2-byte é
     bad.write_bytes(b"\xef\xbb\xbfab\xff\n" + "café ".encode() + b"\xff\n")
     with pytest.raises(DataError) as raised:

@@ -1,0 +1,5 @@
+import sys
+
+from keydistill.predict.cli import main
+
+sys.exit(main())

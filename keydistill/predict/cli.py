@@ -1,0 +1,154 @@
+"""`python -m keydistill.predict FOLDER --input FILE|-`: predict every line of a file and write a TSV.
+
+Reads one text, or a tab-separated pair, per line (or a GLUE TSV file by its task's columns:
+keydistill.predict.inputs) and writes a TSV of predictions. A bad input line is an error naming file:line;
+no line is ever dropped. A labelled GLUE file is scored only when the model's label names are its task's (a
+model's class ids mean nothing under another task's labels). Every mistake a user can make is one line
+`error: ...` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from keydistill.data import TASKS, DataError, compute_metrics
+from keydistill.models import KeyBottleneckClassifier
+from keydistill.models.classifiers import read_checkpoint_config
+from keydistill.predict import Prediction, Predictor, check_device
+from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
+
+
+def format_keys(keys: list[list[int]] | None) -> str:
+    """Heads joined by ',', kept positions by ' ' (one position with cls pooling)."""
+    return "" if keys is None else " ".join(",".join(map(str, heads)) for heads in keys)
+
+
+def write_predictions(out, rows: InputRows, predictions: list[Prediction], regression: bool, keys: bool) -> None:
+    columns = ["line"] + ([] if regression else ["label"]) + ["score"] + (["key_indices"] if keys else [])
+    out.write("\t".join(columns) + "\n")
+    for line, p in zip(rows.lines, predictions):
+        fields = [str(line)] + ([] if regression else [p.label]) + [f"{p.score:.6f}"]
+        out.write("\t".join(fields + ([format_keys(p.key_indices)] if keys else [])) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m keydistill.predict", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
+    parser.add_argument("--input", default="-", help="one text or tab-separated pair per line, or a GLUE TSV file; - is stdin")
+    parser.add_argument("--output", default="-", help="where the TSV of predictions goes; - is stdout")
+    parser.add_argument("--format", default="auto", choices=("auto", "plain", "glue"),
+                        help="auto: a first line naming a GLUE task's text columns makes a GLUE file, else plain lines")
+    parser.add_argument("--task", choices=tuple(TASKS), help="read the input as this GLUE task's TSV file (its columns)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example after truncation; default: the model's limit")
+    parser.add_argument("--keys", action="store_true", help="add the key index each bottleneck head chose")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ...; default: cuda when available")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 1:  # 0 would otherwise mean "the default"
+        return _fail(f"--max-length must be >= 1, got {args.max_length}")
+    problem = _output_problem(args.output)
+    if problem:
+        return _fail(problem)
+    try:
+        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        rows = read_inputs(args.input, args.task, args.format, _saved_label_names(args.model))
+    except DataError as e:
+        return _fail(str(e))
+    try:
+        predictor = Predictor.from_pretrained(args.model, device=device)
+    except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable weights, no tokenizer
+        return _fail(load_error(args.model, e))
+    if args.max_length is not None:
+        limit = predictor.model.config.max_position_embeddings
+        if args.max_length > limit:
+            return _fail(f"--max-length {args.max_length} is over the {limit} positions of {args.model} "
+                         "(its max_position_embeddings)")
+        predictor.max_length = args.max_length
+    predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.keys)
+    regression = predictor.model.is_regression
+    if args.output == "-":
+        try:
+            write_predictions(sys.stdout, rows, predictions, regression, args.keys)
+            sys.stdout.flush()  # inside the try: a reader gone (| head) shows here, not at interpreter exit
+        except BrokenPipeError:
+            return _closed_stdout()
+    else:
+        try:
+            with open(args.output, "w", encoding="utf-8") as out:
+                write_predictions(out, rows, predictions, regression, args.keys)
+        except OSError as e:
+            return _fail(f"--output {args.output}: {e.strerror or e}")
+    if rows.labels is not None:
+        _report_metrics(rows, predictions, predictor.model)
+    return 0
+
+
+def load_error(folder: str, error: Exception) -> str:
+    """The one-line message for a model folder that does not load (most errors already name it)."""
+    return str(error) if str(folder) in str(error) else f"cannot load the model {folder}: {error}"
+
+
+def _report_metrics(rows: InputRows, predictions: list[Prediction], model: KeyBottleneckClassifier) -> None:
+    """The task's metrics on stderr, when the model's classes are the task's; else one line saying why not."""
+    task, names = rows.task, model.label_names
+    if not labels_fit(task, names):
+        theirs = ", ".join(task.label_names) if not task.is_regression else "a regression score"
+        ours = "a regression score" if model.is_regression else ", ".join(names)
+        print(f"no {task.name} metrics: the model's labels ({ours}) are not {task.name}'s ({theirs})", file=sys.stderr)
+        return
+    guesses = [p.score if model.is_regression else p.label_id for p in predictions]
+    metrics = compute_metrics(task, _array(guesses), _array(rows.labels))
+    print(f"{task.name} on {len(guesses)} labelled rows: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+          file=sys.stderr)
+
+
+def _saved_label_names(folder: str) -> list[str] | None:
+    """The label names in a model folder's config, or None when it has none to read (the model load that
+    follows reports why)."""
+    try:
+        return read_checkpoint_config(folder)["label_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _output_problem(path: str) -> str | None:
+    """Why --output cannot be written, known before any work is done; None when it looks writable."""
+    if path == "-":
+        return None
+    if os.path.isdir(path):
+        return f"--output {path}: is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"--output {path}: no folder {parent}"
+    return None
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (e.g. `| head`): stop quietly, as command-line tools do. stdout goes to
+    devnull so that the interpreter's last flush of the unwritten rest raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, the status of a tool the signal ended
+
+
+def _array(values):
+    import numpy as np
+    return np.asarray(values)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
