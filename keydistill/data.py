@@ -250,12 +250,15 @@ def _split_fields(text: str) -> list[str]:
     return text.split("\t") if text else []
 
 
+def _field_column(fields: list[str], index: int) -> int:
+    """The 1-based character column where field `index` of a row starts (past the earlier fields and tabs)."""
+    return sum(len(f) + 1 for f in fields[:index]) + 1
+
+
 def _field_count_column(text: str, fields: list[str], expected: int) -> int:
     """The 1-based character column of the first extra field, or, for too few fields, the end of the line,
     where the next field's tab is missing."""
-    if len(fields) > expected:
-        return len("\t".join(fields[:expected])) + 2  # past the kept fields and the tab before the extra one
-    return len(text) + 1
+    return _field_column(fields, expected) if len(fields) > expected else len(text) + 1
 
 
 def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bool = True) -> list[Example]:
@@ -291,8 +294,7 @@ def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bo
             examples.append(Example(tuple(fields[p] for p in positions), None))
             continue
         *texts, label = (fields[p] for p in positions)
-        column = positions[-1] + 1
-        where = f"{path}:{number}:{column} (column {task.label_column!r})"
+        where = f"{path}:{number}:{_field_column(fields, positions[-1])} (column {task.label_column!r})"
         try:
             examples.append(Example(tuple(texts), _parse_label(task, label, where)))
         except DataError as e:

@@ -197,14 +197,14 @@ def test_fields_are_split_on_tabs_only(tmp_path):
 
 def test_label_outside_label_set(sst2_dir):
     path = write_tsv(sst2_dir, "SST-2", "dev", sst2_rows(3) + ["fine\t2"])
-    with pytest.raises(DataError, match=rf"{path}:5:2 \(column 'label'\): label '2' is not in the label set"):
+    with pytest.raises(DataError, match=rf"{path}:5:6 \(column 'label'\): label '2' is not in the label set"):
         load_task("sst2", str(sst2_dir), val_size=1)
 
 
 def test_regression_label_not_a_number(tmp_path):
     header = "sentence1\tsentence2\tscore"
     path = write_tsv(tmp_path, "STS-B", "train", [header, "a\tb\t1.0", "a\tb\thigh"])
-    with pytest.raises(DataError, match=rf"{path}:3:3 \(column 'score'\): label 'high' is not a number"):
+    with pytest.raises(DataError, match=rf"{path}:3:5 \(column 'score'\): label 'high' is not a number"):
         load_task("stsb", str(tmp_path))
 
 
@@ -213,7 +213,7 @@ def test_regression_label_not_finite(tmp_path, value):
     header = "sentence1\tsentence2\tscore"
     path = write_tsv(tmp_path, "STS-B", "train", [header] + ["a\tb\t1.0"] * 4 + [f"a\tb\t{value}"])
     write_tsv(tmp_path, "STS-B", "dev", [header, "c\td\t2.5"])
-    with pytest.raises(DataError, match=rf"{path}:6:3 \(column 'score'\): label '{value}' is not a finite number"):
+    with pytest.raises(DataError, match=rf"{path}:6:5 \(column 'score'\): label '{value}' is not a finite number"):
         load_task("stsb", str(tmp_path), val_size=1)
     loaded = load_task("stsb", str(tmp_path), val_size=1, skip_bad_rows=True)  # a bad row like any other
     assert loaded.skipped_rows == 1 and sorted(e.label for e in loaded.train + loaded.val) == [1.0] * 4
