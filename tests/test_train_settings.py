@@ -2,6 +2,7 @@
 a loaded teacher's bottleneck and tokenizer are authoritative, and an old run's outputs are named before
 they are replaced."""
 import json
+import re
 import shutil
 
 import pytest
@@ -36,7 +37,6 @@ BAD_SETTINGS = [  # (extra flags, words the one-line error must contain)
     (["--student-layers", "a,b"], "--student-layers must be comma-separated layer numbers"),
     (["--student-layers", "1,1"], "--student-layers must name distinct layers"),
     (["--student-layers", "0,9"], "--student-layers 0,9: the teacher"),  # the tiny teacher has 4 layers
-    (["--max-length", "65"], "--max-length 65 exceeds the 64 positions of the teacher"),
     (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
     (["--device", f"cuda:{torch.cuda.device_count()}"], "--device cuda:"),
     (["--soft-temperature", "-1"], "--soft-temperature must be a finite number > 0"),
@@ -77,14 +77,40 @@ def mean_teacher(tiny, tmp_path_factory):
 
 
 def test_a_loaded_teacher_is_checked_before_any_work(tiny, mean_teacher, tmp_path, capsys):
-    """The same geometry checks for a --teacher-checkpoint: its layers and positions, from its saved config."""
-    for extra, message in ((["--student-layers", "1,4"], "--student-layers 1,4: the teacher"),
-                           (["--max-length", "100"], "--max-length 100 exceeds the 64 positions")):
-        out = tmp_path / extra[0]
-        assert main(tiny_args(tiny, out, "--teacher-checkpoint", str(mean_teacher), *extra)) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and str(mean_teacher) in err, err
-        assert not (out / "student").exists()
+    """The same checks for a --teacher-checkpoint, from its saved config: its layers, and its positions."""
+    out = tmp_path / "out"
+    assert main(tiny_args(tiny, out, "--teacher-checkpoint", str(mean_teacher), "--student-layers", "1,4")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"--student-layers 1,4: the teacher {mean_teacher} has 4 layers" in err, err
+    args = tiny_args(tiny, out, "--teacher-checkpoint", str(mean_teacher), "--max-length", "128")
+    args.remove("--num-heads"), args.remove("4"), args.remove("--num-keys"), args.remove("8")  # the teacher's
+    args[args.index("--data-dir") + 1] = str(glue_with_a_long_row(tiny, tmp_path))
+    assert main(args) == 2
+    assert f"64 positions of the teacher {mean_teacher}" in capsys.readouterr().err
+    assert not (out / "student").exists()
+
+
+def glue_with_a_long_row(tiny, tmp_path):
+    """The tiny SST-2 with one training row of 100 words (102 tokens: longer than the tiny BERT's 64 positions)."""
+    data = tmp_path / "long_glue"
+    shutil.copytree(tiny / "glue" / "SST-2", data / "SST-2")
+    train = data / "SST-2" / "train.tsv"
+    train.write_text(train.read_text().rstrip("\n") + "\n" + " ".join(["fun"] * 100) + "\t1\n")
+    return data
+
+
+def test_inputs_past_the_teachers_positions_are_one_line_before_any_work(tiny, tmp_path, capsys):
+    """--max-length above the teacher's 64 positions fails where an input reaches past them, and then before
+    any work (it failed in the middle of training); on inputs that fit, the same cap is fine."""
+    out = tmp_path / "out"
+    args = tiny_args(tiny, out, "--max-length", "128")
+    args[args.index("--data-dir") + 1] = str(glue_with_a_long_row(tiny, tmp_path))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-length 128 keeps inputs longer than the 64 positions of the teacher"), err
+    assert re.search(r"\((train|val): 102 tokens\); lower --max-length to 64", err) and err.count("\n") == 1, err
+    assert not (out / "teacher").exists()
+    setup(parse_config(tiny_args(tiny, tmp_path / "fits", "--max-length", "128")))  # every tiny row fits in 64
 
 
 def test_optional_choices_take_none(tiny):

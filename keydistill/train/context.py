@@ -66,7 +66,7 @@ class Run:
 def setup(cfg: TrainConfig) -> Run:
     """Check the settings, load and tokenise the data, check what depends on both, then prepare the folder."""
     validate(cfg)
-    bottleneck, tokenizer_source = resolve_teacher(cfg)
+    teacher = resolve_teacher(cfg)
     ranks, device = distributed.init(cfg.device, cfg.dist_timeout)
     if ranks.active:
         distributed.quiet_unless_main(ranks)
@@ -76,9 +76,9 @@ def setup(cfg: TrainConfig) -> Run:
     data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                      max_eval_samples=cfg.max_eval_samples, skip_bad_rows=cfg.skip_bad_rows)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = AutoTokenizer.from_pretrained(teacher.tokenizer)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load the tokenizer {tokenizer_source!r}: {e}") from None
+        raise ConfigError(f"cannot load the tokenizer {teacher.tokenizer!r}: {e}") from None
     tokenizer.model_max_length = cfg.max_length  # saved with the models: predictions truncate as training did
 
     def dataset(examples):
@@ -86,12 +86,13 @@ def setup(cfg: TrainConfig) -> Run:
 
     train, val, tests = dataset(data.train), dataset(data.val), {k: dataset(v) for k, v in data.test.items()}
     report_rows(cfg, task, data, train, val, tests)
-    check_kmeans_has_enough_vectors(cfg, bottleneck, train)
+    check_inputs_fit(cfg, teacher, {"train": train, "val": val, **tests})
+    check_kmeans_has_enough_vectors(cfg, teacher.bottleneck, train)
     progress = prepare_output_dir(cfg) if ranks.main else None
     distributed.barrier("output folder ready")  # the other ranks read what rank 0 prepared
     if progress is None:
         progress = read_progress(cfg)
-    return Run(cfg, task, device, tokenizer, bottleneck, train, val, tests, progress, ranks, data.train)
+    return Run(cfg, task, device, tokenizer, teacher.bottleneck, train, val, tests, progress, ranks, data.train)
 
 
 def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> None:
@@ -112,8 +113,16 @@ def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> No
 # The teacher's bottleneck and tokenizer: a loaded checkpoint is the source of truth
 # ----------------------------------------------------------------------------------------------------------
 
-def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
-    """(the teacher's bottleneck, where its tokenizer comes from)."""
+@dataclass(frozen=True)
+class TeacherSource:
+    """What the settings' teacher is, known before any work: read from its config only."""
+    name: str  # the model name or checkpoint folder, for messages
+    bottleneck: BottleneckConfig  # its bottleneck: a loaded checkpoint's own, or the settings'
+    tokenizer: str  # where its tokenizer comes from
+    positions: int  # its position embeddings: no input may be longer
+
+
+def resolve_teacher(cfg: TrainConfig) -> TeacherSource:
     if not cfg.teacher_checkpoint:
         encoder = _teacher_encoder_config(cfg.teacher)
         check_teacher_fits(cfg, encoder, cfg.teacher)
@@ -123,7 +132,7 @@ def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
             bottleneck.key_dim_for(hidden)
         except ValueError as e:
             raise ConfigError(f"bottleneck on {cfg.teacher} (width {hidden}): {e}") from None
-        return bottleneck, cfg.tokenizer or cfg.teacher
+        return TeacherSource(cfg.teacher, bottleneck, cfg.tokenizer or cfg.teacher, encoder.max_position_embeddings)
     folder = Path(cfg.teacher_checkpoint)
     if not is_checkpoint(folder):
         raise ConfigError(f"--teacher-checkpoint {folder}: not a keydistill model folder (written by save_pretrained)")
@@ -131,7 +140,8 @@ def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
     if meta["model_class"] != "BertWithKeyBottleneck" or meta["bottleneck"] is None:
         raise ConfigError(f"--teacher-checkpoint {folder}: holds a {meta['model_class']}"
                           f"{' without a bottleneck' if meta['bottleneck'] is None else ''}, not a BERT teacher with keys")
-    check_teacher_fits(cfg, BertConfig.from_dict(meta["encoder_config"]), str(folder))
+    encoder = BertConfig.from_dict(meta["encoder_config"])
+    check_teacher_fits(cfg, encoder, str(folder))
     saved = BottleneckConfig.from_dict(meta["bottleneck"])
     conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)} but the teacher has {getattr(saved, k)}"
                  for k in BOTTLENECK_DEFAULTS if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(saved, k)]
@@ -140,12 +150,10 @@ def resolve_teacher(cfg: TrainConfig) -> tuple[BottleneckConfig, str]:
     if conflicts:
         raise ConfigError(f"--teacher-checkpoint {folder} is the source of truth for its bottleneck: "
                           + "; ".join(conflicts) + " (drop the flag to use the teacher's)")
-    if cfg.tokenizer:
-        return saved, cfg.tokenizer
-    if not (folder / "tokenizer_config.json").exists():
+    if not cfg.tokenizer and not (folder / "tokenizer_config.json").exists():
         raise ConfigError(f"--teacher-checkpoint {folder} has no tokenizer (tokenizer_config.json); "
                           "say which with --tokenizer")
-    return saved, str(folder)
+    return TeacherSource(str(folder), saved, cfg.tokenizer or str(folder), encoder.max_position_embeddings)
 
 
 def _teacher_encoder_config(name: str):
@@ -157,18 +165,26 @@ def _teacher_encoder_config(name: str):
 
 def check_teacher_fits(cfg: TrainConfig, encoder, where: str) -> None:
     """What the teacher's shape decides, checked before any work (not after its stages have trained): the
-    student's layers exist in it, --max-length fits its position embeddings, and a DistilBERT can copy it."""
+    student's layers exist in it, and a DistilBERT can copy it."""
     n = encoder.num_hidden_layers
     layers = cfg.layers(n)
     if any(i >= n for i in layers):
         raise ConfigError(f"--student-layers {cfg.student_layers}: the teacher {where} has {n} layers, numbered 0 to {n - 1}")
-    if cfg.max_length > encoder.max_position_embeddings:
-        raise ConfigError(f"--max-length {cfg.max_length} exceeds the {encoder.max_position_embeddings} positions of the "
-                          f"teacher {where}")
     try:
         student_config_from_teacher(encoder, len(layers))
     except ValueError as e:
         raise ConfigError(f"the teacher {where} cannot seed a DistilBERT student: {e}") from None
+
+
+def check_inputs_fit(cfg: TrainConfig, teacher: TeacherSource, splits: dict[str, CustomDataset]) -> None:
+    """No tokenised input may be longer than the teacher's position embeddings (it would fail in the middle of
+    training). --max-length caps the inputs, so a cap above the positions is an error only when some input
+    reaches past them."""
+    over = {name: max(ds.lengths()) for name, ds in splits.items() if len(ds) and max(ds.lengths()) > teacher.positions}
+    if over:
+        raise ConfigError(f"--max-length {cfg.max_length} keeps inputs longer than the {teacher.positions} positions of "
+                          f"the teacher {teacher.name} (" + ", ".join(f"{name}: {n} tokens" for name, n in over.items())
+                          + f"); lower --max-length to {teacher.positions}")
 
 
 def check_kmeans_has_enough_vectors(cfg: TrainConfig, bottleneck: BottleneckConfig, train: CustomDataset) -> None:
