@@ -80,7 +80,7 @@ def test_a_loaded_teacher_is_checked_before_any_work(tiny, mean_teacher, tmp_pat
     """The same checks for a --teacher-checkpoint, from its saved config: its layers, and its positions."""
     out = tmp_path / "out"
     assert main(tiny_args(tiny, out, "--teacher-checkpoint", str(mean_teacher), "--student-layers", "1,4")) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]  # after the note on tiny_args' own --teacher flags
     assert err.startswith("error: ") and f"--student-layers 1,4: the teacher {mean_teacher} has 4 layers" in err, err
     args = tiny_args(tiny, out, "--teacher-checkpoint", str(mean_teacher), "--max-length", "128")
     args.remove("--num-heads"), args.remove("4"), args.remove("--num-keys"), args.remove("8")  # the teacher's
@@ -118,6 +118,14 @@ def test_optional_choices_take_none(tiny):
     cfg = parse_config(tiny_args(tiny, "out", "--pooling", "none", "--projection", "none"))
     assert cfg.pooling is None and cfg.projection is None
     assert parse_config(tiny_args(tiny, "out", "--pooling", "mean")).pooling == "mean"
+
+
+def test_teacher_training_flags_beside_a_teacher_checkpoint_get_a_note(tiny, capsys):
+    parse_config(tiny_args(tiny, "out", "--teacher-checkpoint", "t", "--teacher-lr", "1e-4"))  # tiny_args: --teacher, --teacher-epochs
+    assert ("note: --teacher-checkpoint loads a trained teacher, so --teacher, --teacher-epochs, --teacher-lr do "
+            "nothing") in capsys.readouterr().err
+    parse_config(tiny_args(tiny, "out", "--teacher-lr", "1e-4"))
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_turning_off_a_recipes_soft_assignment_turns_off_its_straight_through(tiny):

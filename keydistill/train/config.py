@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import importlib.util
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -234,7 +235,19 @@ def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser 
     settings.update({k: v for k, v in recipe.items() if k not in explicit})
     if settings["soft_temperature"] is None and "straight_through" not in explicit:
         settings["straight_through"] = False  # a recipe's straight-through rides on the soft assignment it sets
+    unused = [f for f in TEACHER_TRAINING if f in explicit] if settings["teacher_checkpoint"] else []
+    if unused:  # harmless, but a user who gave them believes they act
+        print(f"note: --teacher-checkpoint loads a trained teacher, so {', '.join(_flag(f) for f in unused)} "
+              "do nothing", file=sys.stderr)
     return TrainConfig(**settings)
+
+
+# The settings that only make a teacher: a --teacher-checkpoint run has one already.
+TEACHER_TRAINING = ("teacher", "teacher_encoder", "teacher_epochs", "teacher_lr")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 # ----------------------------------------------------------------------------------------------------------
