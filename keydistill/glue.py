@@ -66,6 +66,8 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never mistake --task for --tasks
     parser.add_argument("--tasks", default=None)
     known, rest = parser.parse_known_args(argv)
+    if any(a == "--task" or a.startswith("--task=") for a in rest):  # each task sets its own: it would do nothing
+        raise DataError("--task names one task of keydistill.train; the GLUE runner takes --tasks (e.g. --tasks cola)")
     return known.tasks, rest
 
 
@@ -86,10 +88,13 @@ def chosen_tasks(tasks: str | None, data_dir: str | None) -> tuple[list[str], di
 
 def task_config(train_argv: list[str], task: str) -> TrainConfig:
     """The task's settings: defaults, its recipe, then the user's flags; in <output-dir>/<task>. --resume
-    continues an interrupted task and starts the others afresh."""
+    continues an interrupted task and starts the others afresh (a folder without a run, or one whose run had
+    other settings)."""
     cfg = parse_config([*train_argv, "--task", task], parser=train_parser())
     cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / task))
-    return dataclasses.replace(cfg, resume=cfg.resume and (cfg.out / "config.json").exists())
+    saved = cfg.out / "config.json"
+    same = saved.exists() and not changed_settings(json.loads(saved.read_text()), cfg)
+    return dataclasses.replace(cfg, resume=cfg.resume and same)
 
 
 def finished(cfg: TrainConfig) -> dict | None:
@@ -251,8 +256,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
 def run_glue(argv: list[str]) -> int:
     args = build_glue_parser().parse_args(argv)  # --help, and every flag checked once up front
     root = Path(args.output_dir)
-    tasks, not_run = chosen_tasks(args.tasks, args.data_dir)
     train_argv = split_argv(argv)[1]
+    tasks, not_run = chosen_tasks(args.tasks, args.data_dir)
     failed: dict[str, str] = {}
     rows = []
     started = time.perf_counter()
@@ -282,7 +287,8 @@ def run_glue(argv: list[str]) -> int:
             continue
         rows.append(row)
         print(f"[{i}/{len(tasks)}] {name} done in {row['seconds'] / 60:.1f} min: teacher {row['teacher_score']:.1f}, "
-              f"student {row['student_score']:.1f} ({row['student_share']:.1%} of the teacher)", flush=True)
+              f"student {row['student_score']:.1f} ("
+              + ("n/a" if row["student_share"] is None else f"{row['student_share']:.1%}") + " of the teacher)", flush=True)
     return write_table(root, rows, failed, not_run, time.perf_counter() - started)
 
 

@@ -123,3 +123,39 @@ def test_wnli_reports_both_majority_baselines():
     assert round(100 * of_train["test"]["accuracy"], 1) == 43.7
     assert round(100 * of_test["test"]["accuracy"], 1) == 56.3
     assert glue.majority_baselines(TrainConfig(task="stsb", data_dir=SHARED_GLUE)) == (None, None)
+
+
+def fake_metrics(teacher: dict, student: dict) -> dict:
+    return {"teacher": {"test": teacher}, "student": {"test": student}, "teacher_params": 10, "student_params": 5,
+            "seconds": 1.0, "inference_examples_per_s": {"teacher": 1.0, "student": 2.0}, "fidelity": 0.9}
+
+
+def test_a_teacher_scoring_zero_does_not_stop_the_table(monkeypatch, capsys, tmp_path):
+    """A CoLA teacher that predicts one class has MCC 0: its share is n/a, and the table is still written."""
+    monkeypatch.setattr(glue, "run_all", lambda cfg: fake_metrics({"mcc": 0.0, "accuracy": 0.7},
+                                                                 {"mcc": 0.1, "accuracy": 0.7}))
+    monkeypatch.setattr(glue, "majority_baselines", lambda cfg: (None, None))
+    assert glue.main(["--tasks", "cola", "--output-dir", str(tmp_path)]) == 0
+    assert "(n/a of the teacher)" in capsys.readouterr().out
+    assert (tmp_path / "glue.md").exists()
+
+
+def test_task_singular_is_one_line_not_ignored(monkeypatch, capsys, tmp_path):
+    """--task is a keydistill.train flag each task overrides: the runner refuses it rather than run every task."""
+    started = []
+    monkeypatch.setattr(glue, "run_all", lambda cfg: started.append(cfg.task))
+    assert glue.main(["--task", "cola", "--output-dir", str(tmp_path)]) == 2
+    assert "takes --tasks" in capsys.readouterr().err and started == []
+    assert glue.main(["--task=cola", "--output-dir", str(tmp_path)]) == 2
+
+
+def test_resume_starts_afresh_a_task_whose_old_run_had_other_settings(monkeypatch, tmp_path):
+    """--resume continues an interrupted task; a folder holding a run with other settings (e.g. from before a
+    recipe change) starts afresh instead of failing on '--resume with settings that differ'."""
+    import dataclasses
+    old = glue.task_config(["--output-dir", str(tmp_path), "--epochs", "1"], "rte")
+    old.out.mkdir(parents=True)
+    (old.out / "config.json").write_text(json.dumps(dataclasses.asdict(old)))
+    assert not glue.task_config(["--output-dir", str(tmp_path), "--epochs", "2", "--resume"], "rte").resume
+    assert glue.task_config(["--output-dir", str(tmp_path), "--epochs", "1", "--resume"], "rte").resume
+    assert not glue.task_config(["--output-dir", str(tmp_path), "--epochs", "1"], "rte").resume
