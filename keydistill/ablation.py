@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog = "python -m keydistill.ablation"
     parser.set_defaults(output_dir="runs/ablation_{task}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--keys" or a.startswith("--keys=") for a in argv):  # each variant sets its own
+        parser.error(f"--keys: the ablation runs every choice ({', '.join(VARIANTS)}); leave it out")
     return run_cli(run_ablation, parse_config(argv, parser))
 
 

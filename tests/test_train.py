@@ -71,6 +71,18 @@ def test_stsb_regression_reports_correlations_under_bf16(tiny, tmp_path):
         assert -1.0 <= metrics[model]["test"]["pearson"] <= 1.0
 
 
+def test_key_ablation_refuses_keys(monkeypatch, capsys, tmp_path):
+    """--keys would be overridden by every variant: a usage error, not a silent run of all three."""
+    import keydistill.ablation as ablation
+    started = []
+    monkeypatch.setattr(ablation, "run_all", lambda cfg: started.append(cfg.keys))
+    for flag in (["--keys", "fresh"], ["--keys=none"]):
+        with pytest.raises(SystemExit) as stop:
+            ablation.main([*flag, "--output-dir", str(tmp_path)])
+        assert stop.value.code == 2 and "the ablation runs every choice" in capsys.readouterr().err
+    assert started == []
+
+
 def test_key_ablation_table_from_a_saved_teacher(sst2_run, tiny, tmp_path):
     from keydistill.ablation import main
     teacher_dir = sst2_run[0] / "teacher"
