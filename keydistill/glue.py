@@ -138,7 +138,8 @@ def majority_baselines(cfg: TrainConfig) -> tuple[dict | None, dict | None]:
     task = get_task(cfg.task)
     if task.is_regression:
         return None, None
-    data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_eval_samples=cfg.max_eval_samples)
+    data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+                     max_eval_samples=cfg.max_eval_samples, skip_bad_rows=cfg.skip_bad_rows)  # the run's own rows
     train_label = most_frequent(e.label for e in data.train)
     of_train, of_test = {}, {}
     for split, rows in data.test.items():

@@ -159,3 +159,18 @@ def test_resume_starts_afresh_a_task_whose_old_run_had_other_settings(monkeypatc
     assert not glue.task_config(["--output-dir", str(tmp_path), "--epochs", "2", "--resume"], "rte").resume
     assert glue.task_config(["--output-dir", str(tmp_path), "--epochs", "1", "--resume"], "rte").resume
     assert not glue.task_config(["--output-dir", str(tmp_path), "--epochs", "1"], "rte").resume
+
+
+def test_majority_baselines_read_the_rows_the_run_read(tmp_path):
+    """A task run with --skip-bad-rows: its baselines load the data the same way (they failed on the bad row,
+    and the finished task was reported as skipped), from the training rows the run used (--max-train-samples)."""
+    from keydistill.train import TrainConfig
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    rows = [f"good movie {i}\t1" for i in range(30)] + [f"bad film {i}\t0" for i in range(40)]
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + "\n".join([*rows, "no label here"]) + "\n")
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
+    cfg = TrainConfig(task="sst2", data_dir=str(tmp_path), val_size=2, skip_bad_rows=True, max_train_samples=None)
+    of_train, of_test = glue.majority_baselines(cfg)
+    assert of_train["test"]["accuracy"] == pytest.approx(1 / 3)  # train's majority: 0
+    assert of_test["test"]["accuracy"] == pytest.approx(2 / 3)
