@@ -14,13 +14,28 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, available_memory_bytes, compare, measure, measure_group, skip_note
 from keydistill import ops
-from keydistill.ops import reference
+from keydistill.ops import _backends, reference
 
 CUDA = DEVICE.type == "cuda"
 # The backends that run on DEVICE's tensors ("cpp" is available on a GPU machine, but only for CPU tensors).
 # The triton interpreter on a CPU is for correctness only: time it on GPUs alone.
 BACKENDS = [b for b in ops.backends(DEVICE) if b != "triton" or CUDA]
+# The backends the speed and memory targets are for: without them a benchmark would time the torch backend
+# alone, assert nothing and pass.
+TARGET_BACKENDS = ("cuda", "triton") if CUDA else ("cpp",)
 MiB = 2**20
+
+
+def missing_target_backends(available=None, device_type=DEVICE.type) -> list[str]:
+    """The target backends not in `available` (default BACKENDS), each with the reason it is unavailable."""
+    available = BACKENDS if available is None else available
+    return [f"{b} ({_backends.why_unavailable(b, device_type) or 'not run here'})" for b in TARGET_BACKENDS
+            if b not in available]
+
+
+def require_target_backends() -> None:
+    missing = missing_target_backends()
+    assert not missing, f"no target backend to benchmark: {', '.join(missing)}; the targets would pass untested"
 
 
 def shape_name(**dims) -> str:
@@ -80,6 +95,7 @@ def faiss_knn(x, keys):
 
 @pytest.mark.parametrize("n,h,k,d,targets", GPU_NEAREST if CUDA else CPU_NEAREST)
 def test_bench_nearest_key(n, h, k, d, targets):
+    require_target_backends()
     shape = shape_name(N=n, H=h, K=k, d=d)
     x, keys = torch.randn(n, h, d, device=DEVICE), torch.randn(h, k, d, device=DEVICE)
     xt = x.transpose(0, 1)
@@ -140,6 +156,7 @@ def check_ema(state, x, index, backend):
 
 @pytest.mark.parametrize("n,h,k,d", [(16384, 64, 4096, 12) if CUDA else (4096, 64, 4096, 12)])
 def test_bench_ema_update(n, h, k, d):
+    require_target_backends()
     shape = shape_name(N=n, H=h, K=k, d=d)
     x = torch.randn(n, h, d, device=DEVICE)
     index = torch.randint(0, k, (n, h), device=DEVICE)
@@ -197,6 +214,7 @@ GPU_KD = [(16384, 32000, torch.bfloat16), (32, 2, torch.float32)]
 
 @pytest.mark.parametrize("n,v,dtype", GPU_KD if CUDA else CPU_KD)
 def test_bench_kd_loss(n, v, dtype):
+    require_target_backends()
     shape = shape_name(N=n, V=v, dtype=str(dtype).replace("torch.", ""))
     temperature = 2.0
     student = (3 * torch.randn(n, v, device=DEVICE)).to(dtype)
