@@ -40,3 +40,17 @@ def test_op_benchmarks_fail_without_the_backend_their_targets_are_for(bench_ops,
     monkeypatch.setattr(bench_ops, "BACKENDS", ["torch"])
     with pytest.raises(AssertionError, match="no target backend"):
         bench_ops.require_target_backends()
+
+
+def test_nearest_key_benchmark_without_faiss_keeps_its_other_baselines(bench_ops, monkeypatch):
+    """A missing faiss skipped the whole nearest_key benchmark, and with it the cpp backend's 10x targets
+    against cdist and baddbmm; now only the faiss baseline is left out, with a note under the table."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    x, keys = torch.randn(8, 2, 4), torch.randn(2, 16, 4)
+    baselines, labels = bench_ops.nearest_baselines(x, keys, "tiny")
+    assert set(baselines) == set(labels) == {bench_ops.CDIST, bench_ops.BADDBMM}
+    assert baselines[bench_ops.CDIST]().shape == (2, 8)
+    assert "nearest_key tiny faiss.knn: skipped, faiss is not installed (pip install faiss-cpu)" in \
+        sys.modules["bench_conftest"].NOTES
