@@ -14,13 +14,28 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, available_memory_bytes, compare, measure, measure_group, skip_note
 from keydistill import ops
-from keydistill.ops import reference
+from keydistill.ops import _backends, reference
 
 CUDA = DEVICE.type == "cuda"
 # The backends that run on DEVICE's tensors ("cpp" is available on a GPU machine, but only for CPU tensors).
 # The triton interpreter on a CPU is for correctness only: time it on GPUs alone.
 BACKENDS = [b for b in ops.backends(DEVICE) if b != "triton" or CUDA]
+# The backends the speed and memory targets are for: without them a benchmark would time the torch backend
+# alone, assert nothing and pass.
+TARGET_BACKENDS = ("cuda", "triton") if CUDA else ("cpp",)
 MiB = 2**20
+
+
+def missing_target_backends(available=None, device_type=DEVICE.type) -> list[str]:
+    """The target backends not in `available` (default BACKENDS), each with the reason it is unavailable."""
+    available = BACKENDS if available is None else available
+    return [f"{b} ({_backends.why_unavailable(b, device_type) or 'not run here'})" for b in TARGET_BACKENDS
+            if b not in available]
+
+
+def require_target_backends() -> None:
+    missing = missing_target_backends()
+    assert not missing, f"no target backend to benchmark: {', '.join(missing)}; the targets would pass untested"
 
 
 def shape_name(**dims) -> str:
@@ -78,18 +93,30 @@ def faiss_knn(x, keys):
     return lambda: [faiss.knn(xh, kh, 1) for xh, kh in zip(xs, ks)]
 
 
-@pytest.mark.parametrize("n,h,k,d,targets", GPU_NEAREST if CUDA else CPU_NEAREST)
-def test_bench_nearest_key(n, h, k, d, targets):
-    shape = shape_name(N=n, H=h, K=k, d=d)
-    x, keys = torch.randn(n, h, d, device=DEVICE), torch.randn(h, k, d, device=DEVICE)
+def nearest_baselines(x, keys, shape: str) -> tuple[dict, dict]:
+    """name -> call, and name -> table label, of the nearest_key baselines. Without faiss its baseline is
+    noted as skipped; the other baselines and their targets still run (a skip of the whole test hid them)."""
     xt = x.transpose(0, 1)
     baselines = {CDIST: lambda: torch.cdist(xt, keys).argmin(-1), BADDBMM: lambda: baddbmm_argmin(x, keys)}
-    check_sample(x, keys, baddbmm_argmin(x, keys))
     labels = {CDIST: f"{CDIST} (baseline)", BADDBMM: f"{BADDBMM} (baseline)"}
     if not CUDA:
-        pytest.importorskip("faiss", reason="the faiss baseline needs `pip install faiss-cpu`")
-        baselines[FAISS] = faiss_knn(x, keys)
-        labels[FAISS] = f"{FAISS} per head, {torch.get_num_threads()} threads (baseline)"
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            skip_note(f"nearest_key {shape} {FAISS}", "faiss is not installed (pip install faiss-cpu)")
+        else:
+            baselines[FAISS] = faiss_knn(x, keys)
+            labels[FAISS] = f"{FAISS} per head, {torch.get_num_threads()} threads (baseline)"
+    return baselines, labels
+
+
+@pytest.mark.parametrize("n,h,k,d,targets", GPU_NEAREST if CUDA else CPU_NEAREST)
+def test_bench_nearest_key(n, h, k, d, targets):
+    require_target_backends()
+    shape = shape_name(N=n, H=h, K=k, d=d)
+    x, keys = torch.randn(n, h, d, device=DEVICE), torch.randn(h, k, d, device=DEVICE)
+    baselines, labels = nearest_baselines(x, keys, shape)
+    check_sample(x, keys, baddbmm_argmin(x, keys))
     for backend in NEAREST_BACKENDS:
         check_sample(x, keys, ops.nearest_key(x, keys, backend=backend)[0])
     backends = {b: (lambda b=b: ops.nearest_key(x, keys, backend=b)) for b in NEAREST_BACKENDS}
@@ -140,6 +167,7 @@ def check_ema(state, x, index, backend):
 
 @pytest.mark.parametrize("n,h,k,d", [(16384, 64, 4096, 12) if CUDA else (4096, 64, 4096, 12)])
 def test_bench_ema_update(n, h, k, d):
+    require_target_backends()
     shape = shape_name(N=n, H=h, K=k, d=d)
     x = torch.randn(n, h, d, device=DEVICE)
     index = torch.randint(0, k, (n, h), device=DEVICE)
@@ -197,6 +225,7 @@ GPU_KD = [(16384, 32000, torch.bfloat16), (32, 2, torch.float32)]
 
 @pytest.mark.parametrize("n,v,dtype", GPU_KD if CUDA else CPU_KD)
 def test_bench_kd_loss(n, v, dtype):
+    require_target_backends()
     shape = shape_name(N=n, V=v, dtype=str(dtype).replace("torch.", ""))
     temperature = 2.0
     student = (3 * torch.randn(n, v, device=DEVICE)).to(dtype)

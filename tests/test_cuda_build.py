@@ -150,7 +150,7 @@ def test_gpu_check_dry_run_plans_build_tests_and_benchmarks(tmp_path):
     assert "has_cuda_kernels()" in lines["device"]
     assert "pytest" in lines["tests-kernels"] and " tests -k " in lines["tests-kernels"]
     assert "pytest" in lines["tests-rest"] and " tests -k not (" in lines["tests-rest"]
-    assert "pytest" in lines["benchmarks"] and "-s benchmarks" in lines["benchmarks"]
+    assert "pytest" in lines["benchmarks"] and "-s benchmarks/test_bench_ops.py benchmarks/test_bench_e2e.py" in lines["benchmarks"]
     module = _gpu_check()
     assert sum(step.limit_s for step in module.steps(str(tmp_path))) >= module.BUDGET_S  # the budget is what binds
     assert module.BUDGET_S < 8 * 60
@@ -188,3 +188,18 @@ def test_gpu_check_summary_counts_tests_per_backend(tmp_path):
     text = module.summary(str(tmp_path), [("build", "ok", 61.0), ("tests", "failed (rc=1)", 90.0)])
     assert re.search(r"^cuda\s+2\s+1\s+0\s+0$", text, re.M), text  # both reports counted
     assert re.search(r"^build\s+ok\s+61$", text, re.M), text
+
+
+def test_gpu_check_benchmarks_are_the_gpu_side_ones_kernels_first():
+    """The benchmarks step runs the op benchmarks first (they time the kernels this check is for) and leaves
+    out test_bench_inference.py: CPU models on one thread, with SST-2 from outside the repository, which a lent
+    GPU machine lacks (it would fail the step, and its minute or more would come out of the op benchmarks' time)."""
+    module = _gpu_check()
+    assert module.GPU_BENCHMARKS[0] == "benchmarks/test_bench_ops.py"
+    found = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "benchmarks", "test_*.py"))}
+    assert set(module.GPU_BENCHMARKS) <= found
+    assert found - set(module.GPU_BENCHMARKS) == {"benchmarks/test_bench_inference.py"}
+    with open(os.path.join(ROOT, "benchmarks", "test_bench_inference.py")) as f:
+        assert "DEVICE" not in f.read(), "the inference benchmark now uses the GPU: add it to GPU_BENCHMARKS"
+    (step,) = [s for s in module.steps("/nonexistent") if s.name == "benchmarks"]
+    assert step.argv[-len(module.GPU_BENCHMARKS):] == list(module.GPU_BENCHMARKS)
