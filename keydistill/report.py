@@ -22,7 +22,8 @@ def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:
     primary = metric_names[0]
     teacher_test = metrics["teacher"]["test"][primary]
     if teacher_test:
-        lines.append(f"student / teacher test {primary}: {metrics['student']['test'][primary] / teacher_test:.1%}")
+        # two decimals: the targets sit at whole percents (93%, 97%), and 92.96% must not print as 93.0%
+        lines.append(f"student / teacher test {primary}: {metrics['student']['test'][primary] / teacher_test:.2%}")
     if "fidelity" in metrics:  # runs before it was measured lack it
         what = "score correlation" if "pearson" in metric_names else "same prediction"
         lines.append(f"student fidelity to the teacher on test ({what}): {metrics['fidelity']:.1%}")

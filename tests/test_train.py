@@ -46,7 +46,10 @@ def test_end_to_end_outputs(sst2_run, capsys):
     assert set(student_epochs[0]["loss"]) == {"total", "soft", "task", "feature", "aux"}
     assert all(e["examples_per_s"] > 0 and "accuracy" in e["val"] for e in saved["history"])
     assert 0.0 <= saved["fidelity"] <= 1.0
-    assert f"(same prediction): {saved['fidelity']:.1%}" in summary_table(saved, ("accuracy",))
+    table = summary_table(saved, ("accuracy",))
+    assert f"(same prediction): {saved['fidelity']:.1%}" in table
+    share = saved["student"]["test"]["accuracy"] / saved["teacher"]["test"]["accuracy"]
+    assert f"student / teacher test accuracy: {share:.2%}\n" in table  # 92.96% must not read as 93.0%
     codebook = saved["codebook"]
     assert 0.0 <= codebook["key_agreement"] <= 1.0
     assert 1.0 <= codebook["student"]["test_perplexity"] <= 8.0 + 1e-4
