@@ -17,6 +17,7 @@ import sys
 from keydistill.checkpoint import write_json
 from keydistill.data import get_task
 from keydistill.train import TrainConfig, build_parser, parse_config, run_all, run_cli
+from keydistill.train.config import explicit_flags
 
 VARIANTS = ("carry", "fresh", "none")
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.prog = "python -m keydistill.ablation"
     parser.set_defaults(output_dir="runs/ablation_{task}")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a == "--keys" or a.startswith("--keys=") for a in argv):  # each variant sets its own
+    if "keys" in explicit_flags(parser, argv):  # each variant sets its own
         parser.error(f"--keys: the ablation runs every choice ({', '.join(VARIANTS)}); leave it out")
     return run_cli(run_ablation, parse_config(argv, parser))
 

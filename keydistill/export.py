@@ -28,7 +28,7 @@ from torch import nn
 
 from keydistill.bottleneck import DiscreteKeyBottleneck
 from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier, load_model
-from keydistill.predict import has_tokenizer
+from keydistill.models.classifiers import has_tokenizer
 from keydistill.predict.cli import load_error
 
 DEFAULT_OPSET = 17

@@ -30,7 +30,7 @@ from keydistill.checkpoint import write_json
 from keydistill.data import TASKS, DataError, compute_metrics, get_task, load_task
 from keydistill.ops import BackendUnavailable
 from keydistill.train import RunError, TrainConfig, build_parser, distributed, parse_config, run_all
-from keydistill.train.config import changed_settings
+from keydistill.train.config import changed_settings, explicit_flags
 
 ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")  # DistilBERT's Table 1 columns
 LOCAL_TASKS = ("cola", "mrpc", "rte", "sst2", "stsb", "wnli")  # the six in ../shared/data/glue
@@ -66,7 +66,7 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never mistake --task for --tasks
     parser.add_argument("--tasks", default=None)
     known, rest = parser.parse_known_args(argv)
-    if any(a == "--task" or a.startswith("--task=") for a in rest):  # each task sets its own: it would do nothing
+    if "task" in explicit_flags(train_parser(), rest):  # each task sets its own: it would do nothing
         raise DataError("--task names one task of keydistill.train; the GLUE runner takes --tasks (e.g. --tasks cola)")
     return known.tasks, rest
 

@@ -310,6 +310,11 @@ def _saved_config(directory: str | Path) -> dict | None:
     return saved if isinstance(saved, dict) and saved.get("model_type") in MODEL_TYPES else None
 
 
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder holds tokenizer files (save_pretrained of a tokenizer writes tokenizer_config.json)."""
+    return (Path(folder) / "tokenizer_config.json").is_file()
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """True for a folder written by save_pretrained (either format)."""
     return _saved_config(path) is not None or (Path(path) / LEGACY_CONFIG_FILE).is_file()

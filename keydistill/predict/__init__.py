@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import torch
 
 from keydistill.models import KeyBottleneckClassifier, load_model
+from keydistill.models.classifiers import has_tokenizer
 
 Text = Union[str, Sequence[str]]  # one text, or a (first, second) pair
 
@@ -111,11 +111,6 @@ class Predictor:
         probs, ids = logits.softmax(-1).max(-1)
         names = self.model.label_names
         return [Prediction(names[int(i)], float(p), int(i), k) for p, i, k in zip(probs, ids, keys)]
-
-
-def has_tokenizer(folder: str | os.PathLike) -> bool:
-    """Whether a model folder holds tokenizer files (save_pretrained of a tokenizer writes tokenizer_config.json)."""
-    return (Path(folder) / "tokenizer_config.json").is_file()
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--teacher-epochs 2 --epochs 2 --hidden-weight 5; a flag overrides its recipe value.")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)] or [hints[f.name]]
         kind = kinds[0]
         if kind is bool:

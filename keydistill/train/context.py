@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig
 from keydistill.bottleneck import BottleneckConfig
 from keydistill.checkpoint import write_json
 from keydistill.data import CustomDataset, GlueTask, get_task, load_task
-from keydistill.models.classifiers import is_checkpoint, read_checkpoint_config
+from keydistill.models.classifiers import has_tokenizer, is_checkpoint, read_checkpoint_config
 from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
 from keydistill.train.config import (BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig,
@@ -150,7 +150,7 @@ def resolve_teacher(cfg: TrainConfig) -> TeacherSource:
     if conflicts:
         raise ConfigError(f"--teacher-checkpoint {folder} is the source of truth for its bottleneck: "
                           + "; ".join(conflicts) + " (drop the flag to use the teacher's)")
-    if not cfg.tokenizer and not (folder / "tokenizer_config.json").exists():
+    if not cfg.tokenizer and not has_tokenizer(folder):
         raise ConfigError(f"--teacher-checkpoint {folder} has no tokenizer (tokenizer_config.json); "
                           "say which with --tokenizer")
     return TeacherSource(str(folder), saved, cfg.tokenizer or str(folder), encoder.max_position_embeddings)
