@@ -37,8 +37,9 @@ BAD_SETTINGS = [  # (extra flags, words the one-line error must contain)
     (["--student-layers", "a,b"], "--student-layers must be comma-separated layer numbers"),
     (["--student-layers", "1,1"], "--student-layers must name distinct layers"),
     (["--student-layers", "0,9"], "--student-layers 0,9: the teacher"),  # the tiny teacher has 4 layers
-    (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
-    (["--device", f"cuda:{torch.cuda.device_count()}"], "--device cuda:"),
+    (["--device", "tpu"], "--device 'tpu' is not a device name (cpu, cuda, cuda:1, ...)"),
+    (["--device", "meta"], "--device 'meta': training runs on cpu, cuda or auto"),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], "--device 'cuda:"),
     (["--soft-temperature", "-1"], "--soft-temperature must be a finite number > 0"),
     (["--straight-through"], "--straight-through takes its backward pass from the soft assignment"),
     (["--feature-weight", "0", "--commitment-weight", "0"], "the student encoder would get no gradient"),

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence, Union
 
 import torch
 
+from keydistill.devices import check_device
 from keydistill.models import KeyBottleneckClassifier, load_model
 from keydistill.models.classifiers import has_tokenizer
 
@@ -111,21 +112,6 @@ class Predictor:
         probs, ids = logits.softmax(-1).max(-1)
         names = self.model.label_names
         return [Prediction(names[int(i)], float(p), int(i), k) for p, i, k in zip(probs, ids, keys)]
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device; ValueError for a name torch does not know or a GPU this machine lacks."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {str(device)!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s)")
-    return device
 
 
 def _as_texts(item, position: int) -> tuple[str, ...]:

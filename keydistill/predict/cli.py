@@ -17,7 +17,8 @@ import torch
 from keydistill.data import TASKS, DataError, compute_metrics
 from keydistill.models import KeyBottleneckClassifier
 from keydistill.models.classifiers import read_checkpoint_config
-from keydistill.predict import Prediction, Predictor, check_device
+from keydistill.devices import check_device
+from keydistill.predict import Prediction, Predictor
 from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
 
 

@@ -338,20 +338,14 @@ def _student_layer_problems(text: str | None) -> list[str]:
 
 
 def _device_problems(device: str) -> list[str]:
-    import torch
+    from keydistill.devices import check_device
     if device == "auto":
         return []
     try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        return [f"--device must be cpu, cuda, cuda:N or auto, got {device!r}"]
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        return [f"--device {device}: no CUDA device is available here"]
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"]
-    if parsed.type not in ("cpu", "cuda"):
-        return [f"--device must be cpu, cuda, cuda:N or auto, got {device!r}"]
-    return []
+        parsed = check_device(device, "--device")
+    except ValueError as e:
+        return [str(e)]
+    return [] if parsed.type in ("cpu", "cuda") else [f"--device {device!r}: training runs on cpu, cuda or auto"]
 
 
 def validate(cfg: TrainConfig) -> None:
