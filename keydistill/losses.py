@@ -1,6 +1,7 @@
 """The distillation objective.
 
-    total = alpha * soft + (1 - alpha) * task + feature_weight * feature + hidden_weight * hidden + aux
+    total = alpha * soft + (1 - alpha) * task + feature_weight * feature + hidden_weight * hidden
+            + attention_weight * attention + value_relation_weight * value_relation + aux
 
 - soft: ops.kd_loss(student, teacher, T) (T^2-scaled KL) for classification; for regression the teacher's
   score is the soft target, through MSE.
@@ -12,11 +13,16 @@
 - hidden (--hidden-weight, added by the student stage): MSE between every student layer's output and the
   output of the teacher layer it was copied from, over all real tokens: the whole sentence's representation,
   layer by layer, rather than the one vector the feature loss matches.
+- attention, value_relation (--attention-weight, --value-relation-weight, added by the student stage):
+  MiniLM's self-attention transfer, per layer, head and real token: the KL from the teacher layer's attention
+  distribution to the student layer's (how each token reads the others, which the copied layers no longer
+  see from their new inputs), and the same for the value relation softmax(V V^T / sqrt(d)).
 - aux: the bottleneck's own weighted commitment loss (pulls encoder outputs toward their assigned keys,
   which start as the carried teacher keys); absent without a bottleneck.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +64,36 @@ def hidden_state_loss(student_layers: list[torch.Tensor], teacher_layers: list[t
     mask = attention_mask.unsqueeze(-1).float()
     squared = sum((((s.float() - t.float()) ** 2) * mask).sum() for s, t in zip(student_layers, teacher_layers))
     return squared / (mask.sum() * token_scale * student_layers[0].shape[-1] * len(student_layers))
+
+
+def relation_log_probs(left: torch.Tensor, right: torch.Tensor, keep: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, heads, L, L]: per head, the log of softmax(left right^T / sqrt(d)) over the real tokens, from two
+    [B, L, dim] projections of one layer: (query, key) gives its attention distributions, (value, value)
+    MiniLM's value relation. In float32."""
+    b, length, dim = left.shape
+    a, c = (x.float().view(b, length, num_heads, dim // num_heads).transpose(1, 2) for x in (left, right))
+    scores = a @ c.transpose(-1, -2) / math.sqrt(dim // num_heads)
+    # A finite floor, not -inf: masked tokens then get probability 0 and a finite log, so p * (log p - log q)
+    # is 0 there, not nan.
+    scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
+    return scores.log_softmax(-1)
+
+
+def relation_loss(student_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                  teacher_layers: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor,
+                  num_heads: int, token_scale: float = 1.0) -> torch.Tensor:
+    """MiniLM's self-attention transfer, for one kind of relation: per layer, head and real token,
+    KL(teacher || student) between the distributions over the real tokens that each layer's pair of
+    projections gives (relation_log_probs), averaged over layers, heads and tokens. Student and teacher layers
+    must have num_heads heads of one width. A mean over tokens, rescaled by token_scale as hidden_state_loss is."""
+    keep = attention_mask.bool()
+    total = 0.0
+    for (s_left, s_right), (t_left, t_right) in zip(student_layers, teacher_layers):
+        student = relation_log_probs(s_left, s_right, keep, num_heads)
+        teacher = relation_log_probs(t_left, t_right, keep, num_heads)
+        kl = (teacher.exp() * (teacher - student)).sum(-1)  # [B, heads, L]
+        total = total + (kl * keep[:, None, :]).sum()
+    return total / (keep.sum() * token_scale * num_heads * len(student_layers))
 
 
 def distillation_loss(student_out, teacher_logits: torch.Tensor, teacher_features: torch.Tensor,

@@ -252,7 +252,9 @@ def teacher_without_dropout(tiny, no_dropout, tmp_path_factory):
 # step (lr 1e-3): there, near-zero gradients (attention keys, rare positions) take lr-sized steps of either sign
 # under rounding; a wrong gather would move them by many steps.
 @pytest.mark.parametrize("extra, steps, weight_atol", [
-    ([], 14, 1e-5), (["--hidden-weight", "1", "--augment", "1", "--weight-average", "0.5"], 28, 1e-3)])
+    ([], 14, 1e-5),
+    (["--hidden-weight", "1", "--attention-weight", "1", "--value-relation-weight", "1", "--augment", "1",
+      "--weight-average", "0.5"], 28, 1e-3)])
 def test_two_ranks_distil_as_one_process_with_the_same_global_batch(tiny, teacher_without_dropout, tmp_path, extra,
                                                                     steps, weight_atol):
     # The soft assignment keeps the loss continuous in the student's outputs: under the hard lookup, rounding

@@ -6,7 +6,7 @@ from transformers import BertConfig
 
 from keydistill import checkpoint
 from keydistill.bottleneck import BottleneckConfig
-from keydistill.losses import DistillationWeights, distillation_loss, hidden_state_loss
+from keydistill.losses import DistillationWeights, relation_loss, distillation_loss, hidden_state_loss
 from keydistill.models import BertWithKeyBottleneck
 from keydistill.train import parse_config, run_all
 from keydistill.train import distributed
@@ -49,15 +49,19 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch(seed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_token_mean_terms_accumulate_to_the_mean_over_the_whole_step(seed):
-    """The hidden-state MSE is a mean over tokens, the loop weights micro-batches and ranks by examples:
-    with token_scale, length-bucketed micro-batches (few long rows, then many short ones) and a global batch
-    cut across ranks both give the token mean of the whole step, value and gradient."""
+@pytest.mark.parametrize("term", ["hidden", "attention"])
+def test_token_mean_terms_accumulate_to_the_mean_over_the_whole_step(seed, term):
+    """The hidden-state MSE and the attention KL are means over tokens, the loop weights micro-batches and
+    ranks by examples: with token_scale, length-bucketed micro-batches (few long rows, then many short ones)
+    and a global batch cut across ranks both give the token mean of the whole step, value and gradient."""
     lengths = [9, 8, 8, 3, 2, 2, 1]
-    student, teacher = torch.randn(7, 9, 5, requires_grad=True), torch.randn(7, 9, 5)
+    student, teacher = torch.randn(7, 9, 6, requires_grad=True), torch.randn(7, 9, 6)
     mask = (torch.arange(9) < torch.tensor(lengths)[:, None]).long()
 
     def loss(rows, scale=1.0):
+        if term == "attention":  # two heads; the student's key is its query, flipped
+            return relation_loss([(student[rows], student[rows].flip(-1))], [(teacher[rows], teacher[rows].flip(-1))],
+                                  mask[rows], 2, scale)
         return hidden_state_loss([student[rows]], [teacher[rows]], mask[rows], scale)
 
     def gradient(value):

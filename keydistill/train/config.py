@@ -105,6 +105,11 @@ class TrainConfig:
     feature_weight: float = option(1.0, "weight of the MSE toward the teacher's sentence features")
     hidden_weight: float = option(0.0, "weight of the MSE between each student layer's output and its teacher "
                                        "layer's, over every token (the teacher's layer outputs are computed once, before training)")
+    attention_weight: float = option(0.0, "weight of the KL between each student layer's attention distributions and "
+                                          "its teacher layer's, per head over real tokens (MiniLM's attention "
+                                          "transfer; the teacher's are computed once, before training)")
+    value_relation_weight: float = option(0.0, "weight of the same KL for the layers' value relations, "
+                                               "softmax(V V^T / sqrt(d)) per head (MiniLM's other term)")
     commitment_weight: float = option(0.0, "weight of the student's commitment loss toward its assigned keys (off by "
                                            "default: measured on SST-2 it adds nothing beside the feature loss, and "
                                            "alone it collapses the student)")
@@ -285,7 +290,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _at_least(cfg, 1, "kmeans_samples")
     problems += _at_least(cfg, 2, "max_length")  # room for [CLS] and [SEP]
     problems += _positive_finite(cfg, "lr", "teacher_lr", "bottleneck_lr", "temperature", "dist_timeout")
-    problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "hidden_weight", "commitment_weight")
+    problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "hidden_weight",
+                              "attention_weight", "value_relation_weight", "commitment_weight")
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     if not 0.0 <= cfg.weight_average < 1.0:
@@ -316,7 +322,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
 def _encoder_gradient_problems(cfg: TrainConfig) -> list[str]:
     """Under the hard lookup the soft and task losses stop at the values (and, for a fair ablation, at a
     key-less student's head too): the encoder then learns only from the feature and commitment losses."""
-    if (cfg.soft_temperature is not None or cfg.feature_weight > 0 or cfg.hidden_weight > 0
+    layer_terms = cfg.hidden_weight > 0 or cfg.attention_weight > 0 or cfg.value_relation_weight > 0
+    if (cfg.soft_temperature is not None or cfg.feature_weight > 0 or layer_terms
             or (cfg.keys != "none" and cfg.commitment_weight > 0)):
         return []
     paths = "the feature loss" + ("" if cfg.keys == "none" else " and the commitment loss")

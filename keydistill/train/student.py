@@ -43,8 +43,11 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
     # Under the hard lookup the soft and task losses stop at the values; a head without keys must stop there too.
     detach_head = student.bottleneck is None and cfg.soft_temperature is None
 
-    layers = (LayerMatch(student, teacher, cfg.layers(teacher.config.num_hidden_layers)).cache(run, transfer)
-              if cfg.hidden_weight else None)
+    layer_weights = {"hidden": cfg.hidden_weight, "attention": cfg.attention_weight,
+                     "value_relation": cfg.value_relation_weight}
+    matched = tuple(term for term, weight in layer_weights.items() if weight > 0)
+    layers = (LayerMatch(student, teacher, cfg.layers(teacher.config.num_hidden_layers), matched).cache(run, transfer)
+              if matched else None)
 
     def loss(trainer, batch):
         out = trainer(batch, detach_head=detach_head)
@@ -52,8 +55,9 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
         index = batch["index"]
         terms = distillation_loss(out, teacher_logits[index], teacher_features[index], features, weights)
         if layers is not None:
-            terms["hidden"] = layers.loss(batch)
-            terms["total"] = terms["total"] + cfg.hidden_weight * terms["hidden"]
+            for name, term in layers.losses(batch).items():
+                terms[name] = term
+                terms["total"] = terms["total"] + layer_weights[name] * term
         return terms
 
     collate = Collator(run.tokenizer.pad_token_id)
