@@ -175,6 +175,16 @@ def test_a_setting_added_after_a_run_is_unchanged_only_at_its_default():
     assert changed_settings({**saved, "lr": 1.0}, cfg) == {"lr": (1.0, cfg.lr)}
 
 
+def test_how_a_run_is_conducted_is_not_a_changed_setting():
+    """Checkpoint cadence and the collective timeout decide how a run is carried out, not what it computes:
+    --resume, and the GLUE runner's reuse of a finished task, accept runs that differ in them."""
+    cfg = parse_config([])
+    saved = {**dataclasses.asdict(cfg), "checkpoint_every": 50, "checkpoint_seconds": 5.0, "dist_timeout": 1.0,
+             "resume": True}
+    assert changed_settings(saved, cfg) == {}
+    assert changed_settings({**saved, "eval_every": 3}, cfg) == {"eval_every": (3, 0)}  # it picks the best
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     path = tmp_path / "latest.safetensors"

@@ -11,7 +11,7 @@ from keydistill.models import BertWithKeyBottleneck
 from keydistill.train import parse_config, run_all
 from keydistill.train import distributed
 from keydistill.train.distributed import Dist
-from keydistill.train.loop import accumulation_weights, param_groups, token_scale
+from keydistill.train.loop import accumulation_weights, checkpoint_due, param_groups, token_scale
 from train_fixtures import tiny_args
 
 
@@ -112,7 +112,8 @@ def teacher_dir(tiny, tmp_path_factory):
 def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_dir, tmp_path, monkeypatch, extra):
     # eval_every puts "best" writes mid-epoch, between "latest" writes: the order the loop must get right;
     # a weight average must survive the kill too (it lives in the latest checkpoint)
-    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2", "--eval-every", "3", *extra]
+    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2", "--checkpoint-seconds", "0",
+            "--eval-every", "3", *extra]
     real = checkpoint._replace_atomically
     written = []
 
@@ -142,6 +143,30 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_
         assert resumed["student"] == whole["student"], where
         assert resumed["steps_to_best_val"] == whole["steps_to_best_val"], where
         assert [e["val"] for e in resumed["history"]] == [e["val"] for e in whole["history"]], where
+
+
+def test_checkpoints_inside_an_epoch_come_by_steps_or_by_time():
+    cfg = parse_config(["--checkpoint-every", "4", "--checkpoint-seconds", "60"])
+    assert [checkpoint_due(cfg, step, 1.0) for step in range(1, 9)] == [False] * 3 + [True] + [False] * 3 + [True]
+    assert checkpoint_due(cfg, 5, 60.0) and not checkpoint_due(cfg, 5, 59.9)
+    never = parse_config(["--checkpoint-seconds", "0"])  # --checkpoint-every is 0 by default
+    assert not any(checkpoint_due(never, step, 1e9) for step in range(1, 100))
+
+
+@pytest.mark.parametrize("seconds", ["0", "1e-9"])
+def test_a_run_writes_its_checkpoints_as_often_as_the_clock_says(tiny, teacher_dir, tmp_path, monkeypatch, seconds):
+    """--checkpoint-seconds 0: the latest checkpoint at epoch ends only; a tiny interval: after every step too."""
+    real, latest_writes = checkpoint._replace_atomically, []
+
+    def counting(path, write):
+        real(path, write)
+        latest_writes.extend([path.name] if path.name == "student.latest.safetensors" else [])
+    monkeypatch.setattr(checkpoint, "_replace_atomically", counting)
+    result = run_all(parse_config(tiny_args(tiny, tmp_path, "--teacher-checkpoint", teacher_dir, "--epochs", "2",
+                                            "--checkpoint-seconds", seconds)))
+    steps = len(result["curves"]["student"])
+    assert steps > 4
+    assert len(latest_writes) == (2 if seconds == "0" else steps)  # the last step of an epoch writes once
 
 
 def test_resuming_on_another_number_of_ranks_is_an_error(tiny, teacher_dir, tmp_path, monkeypatch):

@@ -29,6 +29,8 @@ BAD_SETTINGS = [  # (extra flags, words the one-line error must contain)
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
     (["--warmup-ratio", "1"], "--warmup-ratio must lie in [0, 1)"),
     (["--weight-average", "1"], "--weight-average must lie in [0, 1)"),
+    (["--checkpoint-seconds", "-1"], "--checkpoint-seconds must be a finite number >= 0"),
+    (["--checkpoint-seconds", "inf"], "--checkpoint-seconds must be a finite number >= 0"),
     (["--weight-average", "nan"], "--weight-average must lie in [0, 1)"),
     (["--max-length", "1"], "--max-length must be at least 2"),
     (["--kmeans-samples", "0"], "--kmeans-samples must be at least 1"),

@@ -138,7 +138,11 @@ class TrainConfig:
     seed: int = option(0, "seed of data split, order, initialisation and dropout")
     output_dir: str = option("runs/{task}", "where outputs go ({task} is filled in)")
     resume: bool = option(False, "continue an interrupted run in --output-dir from its latest checkpoint")
-    checkpoint_every: int = option(50, "optimizer steps between resumable checkpoints inside an epoch; 0: epoch ends only")
+    checkpoint_every: int = option(0, "also write a resumable checkpoint every N optimizer steps inside an epoch "
+                                      "(0: by --checkpoint-seconds only)")
+    checkpoint_seconds: float = option(60.0, "write a resumable checkpoint inside an epoch once this many seconds have "
+                                             "passed since the last (0: by --checkpoint-every only; both 0: at epoch "
+                                             "ends only)")
     eval_every: int = option(0, "extra validation every N optimizer steps (0: once per epoch)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (under torchrun: each rank its local GPU, or the CPU)")
     dist_timeout: float = option(600.0, "under torchrun: seconds a collective waits for the other ranks before the "
@@ -180,13 +184,18 @@ class TrainConfig:
         return [int(i) for i in self.student_layers.split(",")]
 
 
+# Settings that decide how a run is carried out, not what it computes: a resumed run, or a finished one
+# reused, may differ in them.
+CONDUCT = ("resume", "checkpoint_every", "checkpoint_seconds", "dist_timeout")
+
+
 def changed_settings(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     """{setting: (saved value, cfg's value)} for every setting of cfg that differs from a run's saved
-    config.json, --resume aside. A setting added after that run was written counts as unchanged at its default
-    (the default keeps the behaviour the run had)."""
+    config.json, those in CONDUCT aside. A setting added after that run was written counts as unchanged at its
+    default (the default keeps the behaviour the run had)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     return {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-            if k != "resume" and saved.get(k, defaults[k]) != v}
+            if k not in CONDUCT and saved.get(k, defaults[k]) != v}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,6 +299,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _at_least(cfg, 1, "kmeans_samples")
     problems += _at_least(cfg, 2, "max_length")  # room for [CLS] and [SEP]
     problems += _positive_finite(cfg, "lr", "teacher_lr", "bottleneck_lr", "temperature", "dist_timeout")
+    if not (math.isfinite(cfg.checkpoint_seconds) and cfg.checkpoint_seconds >= 0):
+        problems.append(f"--checkpoint-seconds must be a finite number >= 0, got {cfg.checkpoint_seconds}")
     problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "hidden_weight",
                               "attention_weight", "value_relation_weight", "commitment_weight")
     if not 0.0 <= cfg.alpha <= 1.0:

@@ -177,10 +177,14 @@ def fit(run, stage: Stage) -> dict:
                     save_checkpoint(best, stage.model, {"step": state["step"], "val": val})
         return val
 
+    saved_at = time.perf_counter()
+
     def save_latest() -> None:
-        if ranks.main:
+        nonlocal saved_at
+        if ranks.main:  # only rank 0 writes: the ranks need not agree on when (no collective here)
             save_checkpoint(latest, stage.model, {"state": state}, optimizer,
                             average.tensors() if average is not None else None)
+        saved_at = time.perf_counter()
 
     for epoch in range(state["epoch"], stage.epochs):
         batches = length_bucketed_batches(lengths, global_batch, cfg.seed, epoch)
@@ -231,7 +235,7 @@ def fit(run, stage: Stage) -> dict:
             step_losses, step_examples = None, 0
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 validate()
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and i + 1 < len(batches):
+            if checkpoint_due(cfg, state["step"], time.perf_counter() - saved_at) and i + 1 < len(batches):
                 state["seconds"] += time.perf_counter() - started
                 started = time.perf_counter()
                 save_latest()
@@ -252,6 +256,14 @@ def fit(run, stage: Stage) -> dict:
     result = {k: state[k] for k in ("history", "curve", "best_val", "best_step")}
     run.finish_stage(stage.name, result)
     return result
+
+
+def checkpoint_due(cfg, step: int, seconds_since_last: float) -> bool:
+    """A resumable checkpoint inside an epoch: every --checkpoint-every steps, or once --checkpoint-seconds
+    have passed since the last. By time by default: a fixed step count writes far too often where steps are
+    fast (a GPU: each write is the model, its average and the optimizer state) and seldom where they are slow."""
+    by_steps = cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+    return by_steps or 0 < cfg.checkpoint_seconds <= seconds_since_last
 
 
 def token_scale(batches: list[list[int]], i: int, grad_accum: int, mine: list[int], lengths: list[int]) -> float:
