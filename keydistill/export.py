@@ -29,7 +29,7 @@ from torch import nn
 from keydistill.bottleneck import DiscreteKeyBottleneck
 from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier, load_model
 from keydistill.models.classifiers import has_tokenizer
-from keydistill.predict.cli import load_error
+from keydistill.predict.cli import fail, load_error
 
 DEFAULT_OPSET = 17
 # Sentences of varied length for the export trace (a padded batch, so that the traced graph keeps the
@@ -213,16 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.path.isdir(args.onnx):
-        return _fail(f"--onnx {args.onnx}: is a directory (give the file to write)")
+        return fail(f"--onnx {args.onnx}: is a directory (give the file to write)")
     try:
         model = load_model(args.model)
     except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable or unfitting weights
-        return _fail(load_error(args.model, e))
+        return fail(load_error(args.model, e))
     tokenizer = _tokenizer(args.model)
     try:
         path = export_onnx(model, args.onnx, tokenizer=tokenizer, opset=args.opset)
     except OSError as e:  # a parent that is a file, no permission, a full disk
-        return _fail(f"--onnx {args.onnx}: {e.strerror or e}")
+        return fail(f"--onnx {args.onnx}: {e.strerror or e}")
     wrapper = ExportableClassifier(model)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): inputs {', '.join(wrapper.input_names)} "
           f"[batch, sequence]; outputs {', '.join(wrapper.output_names)}; labels {list(model.label_names)}")
@@ -245,11 +245,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} does not match PyTorch ({', '.join(wrong)})", file=sys.stderr)
         return 1
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 def _tokenizer(folder: str):

@@ -54,28 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
-        return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+        return fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 1:  # 0 would otherwise mean "the default"
-        return _fail(f"--max-length must be >= 1, got {args.max_length}")
+        return fail(f"--max-length must be >= 1, got {args.max_length}")
     problem = _output_problem(args.output)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     try:
         device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except ValueError as e:
-        return _fail(str(e))
+        return fail(str(e))
     try:
         rows = read_inputs(args.input, args.task, args.format, _saved_label_names(args.model))
     except DataError as e:
-        return _fail(str(e))
+        return fail(str(e))
     try:
         predictor = Predictor.from_pretrained(args.model, device=device)
     except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable weights, no tokenizer
-        return _fail(load_error(args.model, e))
+        return fail(load_error(args.model, e))
     if args.max_length is not None:
         limit = predictor.model.config.max_position_embeddings
         if args.max_length > limit:
-            return _fail(f"--max-length {args.max_length} is over the {limit} positions of {args.model} "
+            return fail(f"--max-length {args.max_length} is over the {limit} positions of {args.model} "
                          "(its max_position_embeddings)")
         predictor.max_length = args.max_length
     predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.keys)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.output, "w", encoding="utf-8") as out:
                 write_predictions(out, rows, predictions, regression, args.keys)
         except OSError as e:
-            return _fail(f"--output {args.output}: {e.strerror or e}")
+            return fail(f"--output {args.output}: {e.strerror or e}")
     if rows.labels is not None:
         _report_metrics(rows, predictions, predictor.model)
     return 0
@@ -150,6 +150,7 @@ def _array(values):
     return np.asarray(values)
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """A command-line mistake (predict's, export's): one `error:` line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     return 2

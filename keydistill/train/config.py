@@ -176,6 +176,11 @@ class TrainConfig:
         return {"commitment_weight": self.commitment_weight, "soft_temperature": self.soft_temperature,
                 "straight_through": self.straight_through}
 
+    def layer_weights(self) -> dict[str, float]:
+        """The weights of the layer-matching terms (keydistill.train.targets.LayerMatch), by term name."""
+        return {"hidden": self.hidden_weight, "attention": self.attention_weight,
+                "value_relation": self.value_relation_weight}
+
     def layers(self, teacher_layers: int) -> list[int]:
         """The teacher layers the student copies: --student-layers, or the library's default (every other
         one, keeping the top layer: keydistill.models.transfer.default_layers)."""
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "--teacher-epochs 2 --epochs 2 --hidden-weight 5; a flag overrides its recipe value.")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = _flag(f.name)
+        flag = flag_of(f.name)
         kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)] or [hints[f.name]]
         kind = kinds[0]
         if kind is bool:
@@ -251,7 +256,7 @@ def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser 
         settings["straight_through"] = False  # a recipe's straight-through rides on the soft assignment it sets
     unused = [f for f in TEACHER_TRAINING if f in explicit] if settings["teacher_checkpoint"] else []
     if unused:  # harmless, but a user who gave them believes they act
-        print(f"note: --teacher-checkpoint loads a trained teacher, so {', '.join(_flag(f) for f in unused)} "
+        print(f"note: --teacher-checkpoint loads a trained teacher, so {', '.join(flag_of(f) for f in unused)} "
               "do nothing", file=sys.stderr)
     return TrainConfig(**settings)
 
@@ -260,7 +265,8 @@ def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser 
 TEACHER_TRAINING = ("teacher", "teacher_encoder", "teacher_epochs", "teacher_lr")
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
+    """The command-line flag of a setting: --max-length for max_length."""
     return "--" + name.replace("_", "-")
 
 
@@ -275,17 +281,17 @@ def _at_least(cfg: TrainConfig, low: int, *names: str, allow_none: bool = False)
         if value is None and allow_none:
             continue
         if value is None or value < low:
-            problems.append(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+            problems.append(f"{flag_of(name)} must be at least {low}, got {value}")
     return problems
 
 
 def _positive_finite(cfg: TrainConfig, *names: str) -> list[str]:
-    return [f"--{n.replace('_', '-')} must be a finite number > 0, got {getattr(cfg, n)}" for n in names
+    return [f"{flag_of(n)} must be a finite number > 0, got {getattr(cfg, n)}" for n in names
             if not (math.isfinite(getattr(cfg, n)) and getattr(cfg, n) > 0)]
 
 
 def _non_negative(cfg: TrainConfig, *names: str) -> list[str]:
-    return [f"--{n.replace('_', '-')} must be a finite number >= 0, got {getattr(cfg, n)}" for n in names
+    return [f"{flag_of(n)} must be a finite number >= 0, got {getattr(cfg, n)}" for n in names
             if not (math.isfinite(getattr(cfg, n)) and getattr(cfg, n) >= 0)]
 
 
@@ -299,10 +305,8 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _at_least(cfg, 1, "kmeans_samples")
     problems += _at_least(cfg, 2, "max_length")  # room for [CLS] and [SEP]
     problems += _positive_finite(cfg, "lr", "teacher_lr", "bottleneck_lr", "temperature", "dist_timeout")
-    if not (math.isfinite(cfg.checkpoint_seconds) and cfg.checkpoint_seconds >= 0):
-        problems.append(f"--checkpoint-seconds must be a finite number >= 0, got {cfg.checkpoint_seconds}")
     problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "hidden_weight",
-                              "attention_weight", "value_relation_weight", "commitment_weight")
+                              "attention_weight", "value_relation_weight", "commitment_weight", "checkpoint_seconds")
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     if not 0.0 <= cfg.weight_average < 1.0:
@@ -333,7 +337,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
 def _encoder_gradient_problems(cfg: TrainConfig) -> list[str]:
     """Under the hard lookup the soft and task losses stop at the values (and, for a fair ablation, at a
     key-less student's head too): the encoder then learns only from the feature and commitment losses."""
-    layer_terms = cfg.hidden_weight > 0 or cfg.attention_weight > 0 or cfg.value_relation_weight > 0
+    layer_terms = any(weight > 0 for weight in cfg.layer_weights().values())
     if (cfg.soft_temperature is not None or cfg.feature_weight > 0 or layer_terms
             or (cfg.keys != "none" and cfg.commitment_weight > 0)):
         return []

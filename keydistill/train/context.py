@@ -23,7 +23,7 @@ from keydistill.models.classifiers import has_tokenizer, is_checkpoint, read_che
 from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
 from keydistill.train.config import (BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig,
-                                     changed_settings, validate)
+                                     changed_settings, flag_of, validate)
 from keydistill.train.distributed import Dist
 
 # What a finished or interrupted run leaves in its output folder; a new run (without --resume) replaces it.
@@ -143,7 +143,7 @@ def resolve_teacher(cfg: TrainConfig) -> TeacherSource:
     encoder = BertConfig.from_dict(meta["encoder_config"])
     check_teacher_fits(cfg, encoder, str(folder))
     saved = BottleneckConfig.from_dict(meta["bottleneck"])
-    conflicts = [f"--{k.replace('_', '-')} {getattr(cfg, k)} but the teacher has {getattr(saved, k)}"
+    conflicts = [f"{flag_of(k)} {getattr(cfg, k)} but the teacher has {getattr(saved, k)}"
                  for k in BOTTLENECK_DEFAULTS if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(saved, k)]
     conflicts += [f"--bottleneck {cfg.bottleneck} sets {k}={v} but the teacher has {getattr(saved, k)}"
                   for k, v in BOTTLENECK_PRESETS[cfg.bottleneck].items() if getattr(saved, k) != v]

@@ -43,8 +43,7 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
     # Under the hard lookup the soft and task losses stop at the values; a head without keys must stop there too.
     detach_head = student.bottleneck is None and cfg.soft_temperature is None
 
-    layer_weights = {"hidden": cfg.hidden_weight, "attention": cfg.attention_weight,
-                     "value_relation": cfg.value_relation_weight}
+    layer_weights = cfg.layer_weights()
     matched = tuple(term for term, weight in layer_weights.items() if weight > 0)
     layers = (LayerMatch(student, teacher, cfg.layers(teacher.config.num_hidden_layers), matched).cache(run, transfer)
               if matched else None)
