@@ -6,10 +6,11 @@
 - Without a working compiler the package still installs and runs on the torch backend, unless
   KEYDISTILL_REQUIRE_EXT=1 (as in CI), which makes any build failure fatal.
 - KEYDISTILL_REQUIRE_CUDA=1 (as in CI) makes a build that would leave out the CUDA kernels (CPU-only torch, no
-  toolkit) fail instead, and tests/test_cuda_build.py then expects a CUDA kernel for every op.
+  toolkit) fail instead, and tests/ops/test_cuda_build.py then expects a CUDA kernel for every op.
 
 Install: pip install -e . --no-build-isolation   (the build needs the installed torch)
 """
+
 from __future__ import annotations
 
 import glob
@@ -41,7 +42,11 @@ def find_cuda_home() -> str | None:
     candidates.append("/usr/local/cuda")
     candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for path in candidates:
-        if path and os.path.exists(os.path.join(path, "include", "cuda_runtime.h")) and os.path.exists(os.path.join(path, "bin", "nvcc")):
+        if (
+            path
+            and os.path.exists(os.path.join(path, "include", "cuda_runtime.h"))
+            and os.path.exists(os.path.join(path, "bin", "nvcc"))
+        ):
             return path
     return None
 
@@ -56,26 +61,40 @@ def extensions():
     try:
         import torch  # noqa: F401
     except ImportError:
-        warnings.warn("torch is not installed: building keydistill without its compiled kernels (torch backend only)")
+        warnings.warn(
+            "torch is not installed: building keydistill without its compiled kernels (torch backend only)",
+            stacklevel=2,
+        )
         return [], {}
     cuda_home = None
     if not truthy("KEYDISTILL_SKIP_CUDA"):
         cuda_home = find_cuda_home()
         if cuda_home:
             os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it at import
-    from torch.utils import cpp_extension
     import torch
+    from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     # OpenMP so at::parallel_for really runs in parallel (its OpenMP backend is inline in the headers).
-    # The C++ standard is left to torch's builder (torch >= 2.10 needs C++20). No -march=native: AVX2/FMA paths are compiled per function and chosen at run time.
+    # The C++ standard is left to torch's builder (torch >= 2.10 needs C++20).
+    # No -march=native: AVX2/FMA paths are compiled per function and chosen at run time.
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     kwargs = dict(name="keydistill._C", extra_link_args=["-fopenmp"], include_dirs=[os.path.join(HERE, "csrc")])
-    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cuda_home is not None and not truthy("KEYDISTILL_SKIP_CUDA")
+    with_cuda = (
+        bool(cuda_sources)
+        and torch.version.cuda is not None
+        and cuda_home is not None
+        and not truthy("KEYDISTILL_SKIP_CUDA")
+    )
     if truthy("KEYDISTILL_REQUIRE_CUDA") and not with_cuda:  # CI: a build without CUDA kernels must not pass
-        why = ("torch is a CPU-only build" if torch.version.cuda is None else "KEYDISTILL_SKIP_CUDA is set"
-               if truthy("KEYDISTILL_SKIP_CUDA") else "no CUDA toolkit (nvcc and include/cuda_runtime.h) was found")
+        why = (
+            "torch is a CPU-only build"
+            if torch.version.cuda is None
+            else "KEYDISTILL_SKIP_CUDA is set"
+            if truthy("KEYDISTILL_SKIP_CUDA")
+            else "no CUDA toolkit (nvcc and include/cuda_runtime.h) was found"
+        )
         raise RuntimeError(f"KEYDISTILL_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why}")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -84,8 +103,11 @@ def extensions():
         if truthy("KEYDISTILL_PTXAS_VERBOSE"):
             nvcc.append("-Xptxas=-v")
         kwargs["include_dirs"] += wheel_cuda_includes()
-        ext = cpp_extension.CUDAExtension(sources=sources + cuda_sources,
-                                          extra_compile_args={"cxx": cxx + ["-DKEYDISTILL_WITH_CUDA"], "nvcc": nvcc}, **kwargs)
+        ext = cpp_extension.CUDAExtension(
+            sources=sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DKEYDISTILL_WITH_CUDA"], "nvcc": nvcc},
+            **kwargs,
+        )
     else:
         ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
     print(f"keydistill: building _C with {'C++ CPU + CUDA' if with_cuda else 'C++ CPU'} kernels", file=sys.stderr)
@@ -102,9 +124,11 @@ def optional_build_ext(base):
             except Exception as err:  # noqa: BLE001 -- any compiler/toolchain failure
                 if truthy("KEYDISTILL_REQUIRE_EXT"):
                     raise
-                warnings.warn(f"keydistill._C was not built ({err}); the torch backend will be used")
+                warnings.warn(f"keydistill._C was not built ({err}); the torch backend will be used", stacklevel=2)
 
-    return OptionalBuildExt.with_options(use_ninja=True) if hasattr(OptionalBuildExt, "with_options") else OptionalBuildExt
+    return (
+        OptionalBuildExt.with_options(use_ninja=True) if hasattr(OptionalBuildExt, "with_options") else OptionalBuildExt
+    )
 
 
 ext_modules, cmdclass = extensions()
@@ -115,9 +139,23 @@ setup(
     description="Knowledge distillation through a discrete key bottleneck, with fused kernels",
     packages=find_packages(include=["keydistill", "keydistill.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "transformers>=4.40", "safetensors", "tqdm", "numpy", "scipy", "scikit-learn", "matplotlib"],
-    extras_require={"triton": ["triton>=3.0"], "hub": ["datasets"], "test": ["pytest"], "bench": ["faiss-cpu"],
-                    "onnx": ["onnx", "onnxruntime"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.40",
+        "safetensors",
+        "tqdm",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "matplotlib",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "hub": ["datasets"],
+        "test": ["pytest"],
+        "bench": ["faiss-cpu"],
+        "onnx": ["onnx", "onnxruntime"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

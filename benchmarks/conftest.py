@@ -15,6 +15,7 @@ Peak extra memory, the most memory the call held at once beyond what existed bef
   below this method's resolution, so memory targets are only asserted where the baseline uses > 16 MiB.
 It is measured on the warm-up call, so it never disturbs the timed calls.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -152,8 +153,16 @@ def pytest_terminal_summary(terminalreporter):
         return
     header = ("op", "shape", "provider", "median", "spread (min-max)", "vs baseline", "peak extra mem", "target")
     lines = [header] + [
-        (r.op, r.shape, r.provider, _fmt_time(r.median_s), f"{_fmt_time(r.spread_s[0])} - {_fmt_time(r.spread_s[1])}",
-         "" if r.ratio is None else f"{r.ratio:.2f}x", _fmt_bytes(r.peak_bytes), r.target)
+        (
+            r.op,
+            r.shape,
+            r.provider,
+            _fmt_time(r.median_s),
+            f"{_fmt_time(r.spread_s[0])} - {_fmt_time(r.spread_s[1])}",
+            "" if r.ratio is None else f"{r.ratio:.2f}x",
+            _fmt_bytes(r.peak_bytes),
+            r.target,
+        )
         for r in ROWS
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

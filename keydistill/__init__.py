@@ -1,4 +1,5 @@
 """keydistill: knowledge distillation through a discrete key bottleneck."""
+
 __version__ = "0.1.0"
 
 # After `import keydistill`, transformers' AutoConfig, AutoModelForSequenceClassification and

@@ -9,6 +9,7 @@ same teacher. Any keydistill.train flag may follow, e.g.
 Writes <output-dir>/ablation.md and ablation.json and prints the table: test metric, best validation
 metric, optimizer steps to the best validation, and teacher-student key agreement on test.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,15 +39,21 @@ key-less head also reads a detached encoder output), and each starts from a deco
 
 def ablation_row(keys: str, metrics: dict, metric: str) -> dict:
     best_val = max((e["val"][metric] for e in metrics["history"] if e["stage"] == "student"), default=None)
-    return {"keys": keys, f"test {metric}": metrics["student"]["test"][metric], f"best val {metric}": best_val,
-            "steps to best val": metrics["steps_to_best_val"], "key agreement": metrics["codebook"]["key_agreement"],
-            "agreement measured": metrics["codebook"]["key_agreement_kind"],
-            f"teacher test {metric}": metrics["teacher"]["test"][metric]}
+    return {
+        "keys": keys,
+        f"test {metric}": metrics["student"]["test"][metric],
+        f"best val {metric}": best_val,
+        "steps to best val": metrics["steps_to_best_val"],
+        "key agreement": metrics["codebook"]["key_agreement"],
+        "agreement measured": metrics["codebook"]["key_agreement_kind"],
+        f"teacher test {metric}": metrics["teacher"]["test"][metric],
+    }
 
 
 def markdown_table(rows: list[dict]) -> str:
     def cell(value):
         return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in rows]

@@ -10,6 +10,7 @@ Edits act on whitespace-separated words of each text (so any tokenizer fits), on
 delete a word, swap two neighbouring words, repeat a word, or put a word of another training text in its place.
 The copies carry no label of their own: the student stage labels them with the teacher's predictions.
 """
+
 from __future__ import annotations
 
 import random
@@ -46,10 +47,10 @@ def perturbed(text: str, rng: random.Random, vocabulary: Sequence[str]) -> str:
 def edited(words: list[str], edit: str, rng: random.Random, vocabulary: Sequence[str]) -> list[str]:
     i = rng.randrange(len(words))
     if edit == "delete" and len(words) > 1:
-        return words[:i] + words[i + 1:]
+        return words[:i] + words[i + 1 :]
     if edit == "swap" and len(words) > 1:
         i = min(i, len(words) - 2)
-        return words[:i] + [words[i + 1], words[i]] + words[i + 2:]
+        return words[:i] + [words[i + 1], words[i]] + words[i + 2 :]
     if edit == "repeat" or not vocabulary:
-        return words[:i + 1] + words[i:]
-    return words[:i] + [rng.choice(vocabulary)] + words[i + 1:]
+        return words[: i + 1] + words[i:]
+    return words[:i] + [rng.choice(vocabulary)] + words[i + 1 :]

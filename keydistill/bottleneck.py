@@ -33,6 +33,7 @@ How the encoder learns (the discrete lookup alone passes it no gradient):
 - Feature loss toward another model's pre-bottleneck vectors (e.g. a teacher's): feature_loss(), for the
   training loop to add.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,29 +84,44 @@ class BottleneckConfig:
         for name in ("num_heads", "num_keys"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        _require(isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0, f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
+        _require(
+            isinstance(self.kmeans_iters, int) and self.kmeans_iters >= 0,
+            f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}",
+        )
         for name in ("key_dim", "value_dim"):
             value = getattr(self, name)
-            _require(value is None or (isinstance(value, int) and value >= 1), f"{name} must be None or a positive integer, got {value!r}")
+            _require(
+                value is None or (isinstance(value, int) and value >= 1),
+                f"{name} must be None or a positive integer, got {value!r}",
+            )
         _require(0.0 <= self.decay < 1.0, f"decay must be in [0, 1), got {self.decay!r}")
         _require(self.eps > 0, f"eps must be > 0, got {self.eps!r}")
         _require(self.projection in PROJECTIONS, f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         _require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         _require(self.dead_key_threshold >= 0, f"dead_key_threshold must be >= 0, got {self.dead_key_threshold!r}")
         _require(self.commitment_weight >= 0, f"commitment_weight must be >= 0, got {self.commitment_weight!r}")
-        _require(self.soft_temperature is None or (math.isfinite(self.soft_temperature) and self.soft_temperature > 0),
-                 f"soft_temperature must be None or a finite number > 0, got {self.soft_temperature!r}")
-        _require(isinstance(self.sparse_values, bool), f"sparse_values must be True or False, got {self.sparse_values!r}")
-        _require(not self.straight_through or self.soft_temperature is not None,
-                 "straight_through takes its gradient from the soft assignment: set soft_temperature too")
+        _require(
+            self.soft_temperature is None or (math.isfinite(self.soft_temperature) and self.soft_temperature > 0),
+            f"soft_temperature must be None or a finite number > 0, got {self.soft_temperature!r}",
+        )
+        _require(
+            isinstance(self.sparse_values, bool), f"sparse_values must be True or False, got {self.sparse_values!r}"
+        )
+        _require(
+            not self.straight_through or self.soft_temperature is not None,
+            "straight_through takes its gradient from the soft assignment: set soft_temperature too",
+        )
 
     def key_dim_for(self, dim: int) -> int:
         """The key dimension on encoder outputs of width dim; ValueError when the two cannot fit."""
         key_dim = self.key_dim or dim // self.num_heads
         _require(key_dim >= 1, f"dim={dim} is smaller than num_heads={self.num_heads}; set key_dim")
         if self.projection == "split":
-            _require(self.num_heads * key_dim == dim, f"projection='split' needs num_heads * key_dim == dim (the encoder "
-                     f"width), got {self.num_heads} * {key_dim} != {dim}")
+            _require(
+                self.num_heads * key_dim == dim,
+                f"projection='split' needs num_heads * key_dim == dim (the encoder "
+                f"width), got {self.num_heads} * {key_dim} != {dim}",
+            )
         return key_dim
 
     @property
@@ -191,7 +207,9 @@ class DiscreteKeyBottleneck(nn.Module):
         self.update_keys = True
 
     @torch.no_grad()
-    def init_keys_(self, queries: torch.Tensor, *, iters: int | None = None, generator: torch.Generator | None = None) -> None:
+    def init_keys_(
+        self, queries: torch.Tensor, *, iters: int | None = None, generator: torch.Generator | None = None
+    ) -> None:
         """Set the keys by k-means++ seeding plus `iters` Lloyd iterations (default config.kmeans_iters).
 
         queries: [N, H, key_dim] pre-bottleneck vectors (e.g. the `.queries` of model outputs), N >= K.
@@ -199,7 +217,10 @@ class DiscreteKeyBottleneck(nn.Module):
         with keys, so the EMA continues from the k-means solution.
         """
         h, k, d = self.keys.shape
-        _require(queries.dim() == 3 and tuple(queries.shape[1:]) == (h, d), f"queries must have shape [N, {h}, {d}], got {tuple(queries.shape)}")
+        _require(
+            queries.dim() == 3 and tuple(queries.shape[1:]) == (h, d),
+            f"queries must have shape [N, {h}, {d}], got {tuple(queries.shape)}",
+        )
         _require(queries.shape[0] >= k, f"k-means needs at least num_keys={k} vectors, got {queries.shape[0]}")
         x = queries.detach().to(self.keys.device, torch.float32)
         centers = kmeans_plus_plus(x, k, generator=generator)
@@ -227,13 +248,22 @@ class DiscreteKeyBottleneck(nn.Module):
         if self.ema_paused:
             queries, index = queries[:0], index[:0]
         if self.sync is None:
-            ops.ema_update_(self.keys, self.cluster_size, self.embed_sum, queries, index,
-                            decay=self.config.decay, eps=self.config.eps)
+            ops.ema_update_(
+                self.keys,
+                self.cluster_size,
+                self.embed_sum,
+                queries,
+                index,
+                decay=self.config.decay,
+                eps=self.config.eps,
+            )
             self._restart_dead_keys(queries)
             return
         counts, sums = cluster_stats(queries.float(), index, self.config.num_keys)
         counts, sums, rows_per_rank = self.sync.reduce(counts, sums, queries.shape[0])
-        ema_apply_(self.keys, self.cluster_size, self.embed_sum, counts, sums, decay=self.config.decay, eps=self.config.eps)
+        ema_apply_(
+            self.keys, self.cluster_size, self.embed_sum, counts, sums, decay=self.config.decay, eps=self.config.eps
+        )
         dead = self.dead_keys()
         if bool(dead.any()):  # the same on every rank: the statistics are
             samples = self.sync.restart_samples(queries, rows_per_rank, tuple(dead.shape))
@@ -277,12 +307,22 @@ class DiscreteKeyBottleneck(nn.Module):
         index, _ = ops.nearest_key(queries.detach(), self.keys)
         heads = torch.arange(self.config.num_heads, device=index.device)
         assigned = self.keys[heads, index]  # [N, H, d]: a copy, so the EMA below cannot disturb autograd
-        commitment = (queries.float() - assigned).pow(2).mean() if queries.numel() else queries.new_zeros((), dtype=torch.float32)
+        commitment = (
+            (queries.float() - assigned).pow(2).mean()
+            if queries.numel()
+            else queries.new_zeros((), dtype=torch.float32)
+        )
         pooled = self._pooled_values(queries, index, positions)
         if self.training and self.update_keys:
             self._ema_step(queries.detach(), index)
-        return BottleneckOutput(pooled=pooled, queries=queries, key_indices=index, positions=positions,
-                                commitment_loss=commitment, aux_loss=self.config.commitment_weight * commitment)
+        return BottleneckOutput(
+            pooled=pooled,
+            queries=queries,
+            key_indices=index,
+            positions=positions,
+            commitment_loss=commitment,
+            aux_loss=self.config.commitment_weight * commitment,
+        )
 
     def _pooled_values(self, queries: torch.Tensor, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The values the lookup selects (or mixes), averaged over heads, then over each row's kept positions."""
@@ -344,8 +384,11 @@ def feature_loss(student_queries: torch.Tensor, teacher_queries: torch.Tensor) -
     Both are the `.queries` [N, H, d] of model outputs on the same batch, so they are aligned position by
     position when the two models keep the same tokens (same tokenizer, same pooling).
     """
-    _require(student_queries.shape == teacher_queries.shape,
-             f"student queries {tuple(student_queries.shape)} and teacher queries {tuple(teacher_queries.shape)} differ in shape")
+    _require(
+        student_queries.shape == teacher_queries.shape,
+        f"student queries {tuple(student_queries.shape)} and teacher queries "
+        f"{tuple(teacher_queries.shape)} differ in shape",
+    )
     return (student_queries.float() - teacher_queries.detach().float()).pow(2).mean()
 
 
@@ -377,8 +420,13 @@ def _draw_proportional(weights: torch.Tensor, generator: torch.Generator | None)
     Inverse-CDF sampling: only the H uniforms come from the generator, on the generator's own device, so a
     CPU generator drives draws on CUDA data (torch.multinomial would need the generator on the data's device).
     """
-    uniform = torch.rand(weights.shape[0], 1, dtype=torch.float64, generator=generator,
-                         device=generator.device if generator is not None else weights.device).to(weights.device)
+    uniform = torch.rand(
+        weights.shape[0],
+        1,
+        dtype=torch.float64,
+        generator=generator,
+        device=generator.device if generator is not None else weights.device,
+    ).to(weights.device)
     cdf = weights.double().cumsum(-1)
     chosen = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # first column with cdf > u * total
     return chosen.clamp_max(weights.shape[1] - 1).squeeze(1)

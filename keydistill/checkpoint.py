@@ -6,6 +6,7 @@ record (position in the data, history, config). Every file is written to a tempo
 os.replace()d over the old one, so a kill -9 at any moment leaves either the old or the new file, never
 a torn one.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ def write_json(path: str | Path, data) -> None:
     _replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, record: dict,
-                    optimizer: torch.optim.Optimizer | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    record: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write model (+ optimizer and RNG states when an optimizer is given, + extra tensors under their own
     names, e.g. averaged weights) and a JSON record, atomically."""
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -52,12 +58,17 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, record: dict,
 
 def read_record(path: str | Path) -> dict:
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()[_RECORD])
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict[str, torch.Tensor] | None = None) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Restore what save_checkpoint wrote (RNG states too when an optimizer is given; its extra tensors into
     the dict extra, when given); returns the record."""
     record = read_record(path)

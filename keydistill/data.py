@@ -6,6 +6,7 @@ dev split (GLUE's own test labels are not public). MNLI has two test splits, mat
 Bad data raises `DataError` naming the file, line and column; the CLI prints it without a traceback.
 Bad rows are only ever skipped behind an explicit `skip_bad_rows=True`, and the count is returned.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # The task table
 # ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -101,30 +103,105 @@ _SST2 = (("max_train_samples", None), ("epochs", 1))
 # attention transfer): over seven seeds (the same teacher) its test MCC went from 0.241 mean (sd 0.014, lowest
 # 0.214) to 0.250 (sd 0.023, lowest 0.232), the median not moving (0.246 / 0.243); the value relations as
 # well (--value-relation-weight 1) did not help (0.239 over four seeds, lowest 0.212). See the README.
-_COLA = (("max_train_samples", None), ("teacher_epochs", 3), ("epochs", 6), ("soft_temperature", 1.0),
-         ("straight_through", True), ("weight_average", 0.995), ("attention_weight", 1.0)) + _LAYERS
+_COLA = (
+    ("max_train_samples", None),
+    ("teacher_epochs", 3),
+    ("epochs", 6),
+    ("soft_temperature", 1.0),
+    ("straight_through", True),
+    ("weight_average", 0.995),
+    ("attention_weight", 1.0),
+) + _LAYERS
 
-TASKS: dict[str, GlueTask] = {t.name: t for t in [
-    GlueTask("cola", "CoLA", ("sentence",), "label", ("sentence",), _BINARY, ("mcc", "accuracy"),
-             headerless_columns=("source", "label", "original_label", "sentence"), recipe=_COLA),
-    GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), _BINARY, ("accuracy",), recipe=_SST2),
-    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2"), _BINARY,
-             ("f1", "accuracy"), recipe=_PAIRS_4),
-    GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("question1", "question2"), _BINARY,
-             ("accuracy", "f1"), recipe=_PAIRS),
-    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", ("sentence1", "sentence2"), (),
-             ("pearson", "spearman"), recipe=_PAIRS_4),
-    GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("premise", "hypothesis"),
-             ("entailment", "neutral", "contradiction"), ("accuracy",),
-             test_files=("dev_matched", "dev_mismatched"),
-             hub_test_splits=("validation_matched", "validation_mismatched"), recipe=_PAIRS),
-    GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("question", "sentence"), _ENTAIL2, ("accuracy",),
-             recipe=_PAIRS),
-    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _ENTAIL2, ("accuracy",),
-             recipe=_PAIRS + _SMALL + _LAYERS),
-    GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", ("sentence1", "sentence2"), _BINARY, ("accuracy",),
-             recipe=_PAIRS + _TINY + _LAYERS),
-]}
+TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in [
+        GlueTask(
+            "cola",
+            "CoLA",
+            ("sentence",),
+            "label",
+            ("sentence",),
+            _BINARY,
+            ("mcc", "accuracy"),
+            headerless_columns=("source", "label", "original_label", "sentence"),
+            recipe=_COLA,
+        ),
+        GlueTask("sst2", "SST-2", ("sentence",), "label", ("sentence",), _BINARY, ("accuracy",), recipe=_SST2),
+        GlueTask(
+            "mrpc",
+            "MRPC",
+            ("#1 String", "#2 String"),
+            "Quality",
+            ("sentence1", "sentence2"),
+            _BINARY,
+            ("f1", "accuracy"),
+            recipe=_PAIRS_4,
+        ),
+        GlueTask(
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            "is_duplicate",
+            ("question1", "question2"),
+            _BINARY,
+            ("accuracy", "f1"),
+            recipe=_PAIRS,
+        ),
+        GlueTask(
+            "stsb",
+            "STS-B",
+            ("sentence1", "sentence2"),
+            "score",
+            ("sentence1", "sentence2"),
+            (),
+            ("pearson", "spearman"),
+            recipe=_PAIRS_4,
+        ),
+        GlueTask(
+            "mnli",
+            "MNLI",
+            ("sentence1", "sentence2"),
+            "gold_label",
+            ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"),
+            ("accuracy",),
+            test_files=("dev_matched", "dev_mismatched"),
+            hub_test_splits=("validation_matched", "validation_mismatched"),
+            recipe=_PAIRS,
+        ),
+        GlueTask(
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            "label",
+            ("question", "sentence"),
+            _ENTAIL2,
+            ("accuracy",),
+            recipe=_PAIRS,
+        ),
+        GlueTask(
+            "rte",
+            "RTE",
+            ("sentence1", "sentence2"),
+            "label",
+            ("sentence1", "sentence2"),
+            _ENTAIL2,
+            ("accuracy",),
+            recipe=_PAIRS + _SMALL + _LAYERS,
+        ),
+        GlueTask(
+            "wnli",
+            "WNLI",
+            ("sentence1", "sentence2"),
+            "label",
+            ("sentence1", "sentence2"),
+            _BINARY,
+            ("accuracy",),
+            recipe=_PAIRS + _TINY + _LAYERS,
+        ),
+    ]
+}
 
 
 # Human-readable names of each task's classes, in the order of label_values.
@@ -152,6 +229,7 @@ def get_task(name: str) -> GlueTask:
 # Metrics
 # ----------------------------------------------------------------------------------------------------------
 
+
 def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The task's metrics. predictions: class indices, or scores for a regression task."""
     funcs = {
@@ -171,6 +249,7 @@ def compute_metrics(task: GlueTask, predictions: np.ndarray, labels: np.ndarray)
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------
+
 
 class Example(NamedTuple):
     texts: tuple[str, ...]  # one sentence or a pair
@@ -192,6 +271,7 @@ SKIP_HINT = " (pass --skip-bad-rows to drop such rows and report their count)"
 @dataclass
 class _RowErrors:
     """Raise on the first bad row, or count the bad rows when skipping is allowed."""
+
     skip: bool
     skipped: int = 0
     # Appended to the error: how the caller's command line drops bad rows ("" where it cannot, e.g. predict).
@@ -213,12 +293,12 @@ def decode_line(raw: bytes, number: int, name: str) -> str:
     the error's offsets index the bytes that were decoded. The column counts characters, as an editor shows
     them (the invisible mark not among them), not bytes: "café \\xff" is column 6.
     """
-    body = raw[len(_BOM):] if number == 1 and raw.startswith(_BOM) else raw
+    body = raw[len(_BOM) :] if number == 1 and raw.startswith(_BOM) else raw
     try:
         return body.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
-        column = len(body[:e.start].decode("utf-8")) + 1  # everything before the error decodes
-        raise DataError(f"{name}:{number}:{column}: undecodable bytes (not UTF-8): {body[e.start:e.end]!r}") from None
+        column = len(body[: e.start].decode("utf-8")) + 1  # everything before the error decodes
+        raise DataError(f"{name}:{number}:{column}: undecodable bytes (not UTF-8): {body[e.start : e.end]!r}") from None
 
 
 def _decoded_lines(path: str, errors: _RowErrors) -> Iterator[tuple[int, str | None]]:
@@ -292,7 +372,9 @@ def read_glue_tsv(task: GlueTask, path: str, errors: _RowErrors, *, labelled: bo
         fields = _split_fields(text)
         if len(fields) != len(header):
             column = _field_count_column(text, fields, len(header))
-            errors.bad_row(f"{path}:{number}:{column}: expected {len(header)} tab-separated fields, found {len(fields)}")
+            errors.bad_row(
+                f"{path}:{number}:{column}: expected {len(header)} tab-separated fields, found {len(fields)}"
+            )
             continue
         if not labelled:
             examples.append(Example(tuple(fields[p] for p in positions), None))
@@ -313,8 +395,10 @@ def load_local(task: GlueTask, data_dir: str, skip_bad_rows: bool = False):
     errors = _RowErrors(skip_bad_rows)
     folder = os.path.join(data_dir, task.folder)
     train = read_glue_tsv(task, os.path.join(folder, "train.tsv"), errors)
-    test = {split: read_glue_tsv(task, os.path.join(folder, f + ".tsv"), errors)
-            for split, f in zip(task.test_splits, task.test_files)}
+    test = {
+        split: read_glue_tsv(task, os.path.join(folder, f + ".tsv"), errors)
+        for split, f in zip(task.test_splits, task.test_files)
+    }
     return train, test, errors.skipped
 
 
@@ -322,10 +406,13 @@ def load_hub(task: GlueTask):
     """(train examples, {test split: examples}, 0) from the hub dataset nyu-mll/glue through `datasets`."""
     try:
         import datasets
+
         ds = datasets.load_dataset("nyu-mll/glue", task.name)
     except Exception as e:  # offline, hub down, missing package: all mean "use local files"
-        raise DataError(f"could not load GLUE {task.name} from the hub ({type(e).__name__}: {e}); "
-                        f"pass --data-dir with a folder in the GLUE TSV layout") from None
+        raise DataError(
+            f"could not load GLUE {task.name} from the hub ({type(e).__name__}: {e}); "
+            f"pass --data-dir with a folder in the GLUE TSV layout"
+        ) from None
 
     def convert(split: str) -> list[Example]:
         columns = [ds[split][c] for c in task.hub_text_columns]
@@ -344,9 +431,16 @@ def default_val_size(train_rows: int) -> int:
     return min(max(round(VAL_SHARE * train_rows), VAL_FLOOR), VAL_CAP, train_rows // 2)
 
 
-def load_task(task: GlueTask | str, data_dir: str | None = None, *, val_size: int | None = None, seed: int = 0,
-              max_train_samples: int | None = None, max_eval_samples: int | None = None,
-              skip_bad_rows: bool = False) -> TaskData:
+def load_task(
+    task: GlueTask | str,
+    data_dir: str | None = None,
+    *,
+    val_size: int | None = None,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    skip_bad_rows: bool = False,
+) -> TaskData:
     """Load a GLUE task and split it: val is a seeded held-out slice of train, test is GLUE's dev split.
 
     val_size=None holds out default_val_size(rows) rows. The val slice is drawn before max_train_samples caps
@@ -372,6 +466,7 @@ def load_task(task: GlueTask | str, data_dir: str | None = None, *, val_size: in
 # Dataset, batching
 # ----------------------------------------------------------------------------------------------------------
 
+
 class CustomDataset(torch.utils.data.Dataset):
     """Tokenised examples: single sentences or pairs, truncated to max_length, tokenised once up front.
 
@@ -392,8 +487,12 @@ class CustomDataset(torch.utils.data.Dataset):
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "token_type_ids": self.token_type_ids[i],
-                "labels": self.labels[i], "index": i}
+        return {
+            "input_ids": self.input_ids[i],
+            "token_type_ids": self.token_type_ids[i],
+            "labels": self.labels[i],
+            "index": i,
+        }
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
@@ -423,6 +522,7 @@ def count_truncated(tokenizer, columns: list[list[str]], input_ids: list[list[in
 @dataclass
 class Collator:
     """Pads a batch to its longest sequence (dynamic padding) and adds the attention mask."""
+
     pad_token_id: int
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -433,15 +533,18 @@ class Collator:
 
         input_ids = pad("input_ids", self.pad_token_id)
         lengths = torch.tensor([len(it["input_ids"]) for it in items])
-        return {"input_ids": input_ids,
-                "attention_mask": (torch.arange(width) < lengths.unsqueeze(1)).long(),
-                "token_type_ids": pad("token_type_ids", 0),
-                "labels": torch.stack([it["labels"] for it in items]),
-                "index": torch.tensor([it["index"] for it in items])}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (torch.arange(width) < lengths.unsqueeze(1)).long(),
+            "token_type_ids": pad("token_type_ids", 0),
+            "labels": torch.stack([it["labels"] for it in items]),
+            "index": torch.tensor([it["index"] for it in items]),
+        }
 
 
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                            bucket_batches: int = 50) -> list[list[int]]:
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket_batches: int = 50
+) -> list[list[int]]:
     """One epoch's batches of example indices, shuffled yet grouped by length to minimise padding.
 
     Shuffle, cut into buckets of bucket_batches batches, sort each bucket by length, batch, shuffle the
@@ -453,8 +556,8 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, 
     span = batch_size * bucket_batches
     batches = []
     for start in range(0, len(order), span):
-        bucket = sorted(order[start:start + span], key=lengths.__getitem__)
-        batches += [bucket[i:i + batch_size] for i in range(0, len(bucket), batch_size)]
+        bucket = sorted(order[start : start + span], key=lengths.__getitem__)
+        batches += [bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -462,4 +565,4 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, 
 def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Batches for evaluation: sorted by length (least padding), order irrelevant to the metrics."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

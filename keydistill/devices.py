@@ -1,4 +1,5 @@
 """Device names from the command line and the Python API: checked once, with one wording, before any work."""
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ plain tensor ops instead: the nearest key as argmin_k ||k||^2 - 2 q.k (||q||^2 i
 ties go to the lowest k, as in nearest_key), then the values, the mean over heads and the masked mean over
 positions. check_onnx compares the exported file in onnxruntime against the PyTorch model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,9 @@ class ExportableClassifier(nn.Module):
     def output_names(self) -> list[str]:
         return ["logits"] + (["key_indices"] if self.model.bottleneck is not None else [])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ):
         model = self.model
         hidden = model._encode(input_ids, attention_mask, token_type_ids)
         if model.bottleneck is None:
@@ -107,8 +110,9 @@ def sample_batch(model: KeyBottleneckClassifier, tokenizer=None, texts: Sequence
     return {name: batch[name] for name in ExportableClassifier(model).input_names}
 
 
-def export_onnx(model: KeyBottleneckClassifier, path: str | os.PathLike, *, tokenizer=None,
-                opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(
+    model: KeyBottleneckClassifier, path: str | os.PathLike, *, tokenizer=None, opset: int = DEFAULT_OPSET
+) -> Path:
     """Write `model` as an ONNX file with dynamic batch and sequence axes; returns the path. The export
     traces a float32 copy on the CPU when the model lives elsewhere."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
@@ -127,9 +131,17 @@ def export_onnx(model: KeyBottleneckClassifier, path: str | os.PathLike, *, toke
     with warnings.catch_warnings():  # the tracer's notes on Python-side shape arithmetic of transformers
         warnings.simplefilter("ignore")
         with torch.no_grad():
-            torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=wrapper.input_names,
-                              output_names=wrapper.output_names, dynamic_axes=axes, opset_version=opset,
-                              do_constant_folding=True, **options)
+            torch.onnx.export(
+                wrapper,
+                tuple(inputs.values()),
+                str(path),
+                input_names=wrapper.input_names,
+                output_names=wrapper.output_names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                **options,
+            )
     _add_metadata(path, model)
     return path
 
@@ -139,8 +151,12 @@ def _add_metadata(path: Path, model: KeyBottleneckClassifier) -> None:
 
     graph = onnx.load(str(path))
     bottleneck = model.bottleneck.config.to_dict() if model.bottleneck is not None else None
-    meta = {"model_class": type(model).__name__, "id2label": json.dumps(dict(enumerate(model.label_names))),
-            "problem_type": model.config.problem_type, "bottleneck": json.dumps(bottleneck)}
+    meta = {
+        "model_class": type(model).__name__,
+        "id2label": json.dumps(dict(enumerate(model.label_names))),
+        "problem_type": model.config.problem_type,
+        "bottleneck": json.dumps(bottleneck),
+    }
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, str(path))
@@ -152,8 +168,9 @@ LABEL_TIE = 1e-5  # logits closer than this are a tie that float rounding may br
 KEY_TIE = 1e-5
 
 
-def check_onnx(model: KeyBottleneckClassifier, path: str | os.PathLike, batches: Sequence[dict],
-               threads: int | None = None) -> dict:
+def check_onnx(
+    model: KeyBottleneckClassifier, path: str | os.PathLike, batches: Sequence[dict], threads: int | None = None
+) -> dict:
     """Run the ONNX file in onnxruntime on `batches` (dicts of int64 tensors) and compare with PyTorch.
 
     Returns max_abs_diff (logits), labels_equal (argmax, or all for regression), keys_equal (the key
@@ -201,8 +218,11 @@ def _decided_keys(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m keydistill.export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m keydistill.export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
     parser.add_argument("--onnx", required=True, help="the ONNX file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
@@ -224,16 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a parent that is a file, no permission, a full disk
         return fail(f"--onnx {args.onnx}: {e.strerror or e}")
     wrapper = ExportableClassifier(model)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): inputs {', '.join(wrapper.input_names)} "
-          f"[batch, sequence]; outputs {', '.join(wrapper.output_names)}; labels {list(model.label_names)}")
+    print(
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): inputs {', '.join(wrapper.input_names)} "
+        f"[batch, sequence]; outputs {', '.join(wrapper.output_names)}; labels {list(model.label_names)}"
+    )
     if args.no_check:
         return 0
     texts = SAMPLE_TEXTS
-    batches = [sample_batch(model, tokenizer, texts), sample_batch(model, tokenizer, texts[:1]),
-               sample_batch(model, tokenizer, texts[2:5])]  # other batch sizes and lengths than the trace's
+    batches = [
+        sample_batch(model, tokenizer, texts),
+        sample_batch(model, tokenizer, texts[:1]),
+        sample_batch(model, tokenizer, texts[2:5]),
+    ]  # other batch sizes and lengths than the trace's
     result = check_onnx(model, path, batches)
-    print(f"onnxruntime vs PyTorch on {result['examples']} examples: max |logit diff| {result['max_abs_diff']:.2e}, "
-          f"labels {'equal' if result['labels_equal'] else 'DIFFER'}, keys {'equal' if result['keys_equal'] else 'DIFFER'}")
+    print(
+        f"onnxruntime vs PyTorch on {result['examples']} examples: max |logit diff| {result['max_abs_diff']:.2e}, "
+        f"labels {'equal' if result['labels_equal'] else 'DIFFER'}, "
+        f"keys {'equal' if result['keys_equal'] else 'DIFFER'}"
+    )
     wrong = []
     if result["max_abs_diff"] > 1e-4:
         wrong.append(f"max |logit diff| {result['max_abs_diff']:.2e} > 1e-4")

@@ -13,6 +13,7 @@ or malformed is reported and skipped, the others still run, and the exit status 
 Writes <output-dir>/glue.md, glue.json and glue.png: one row per model with each task's GLUE metric, the
 macro score, parameters and inference examples/s, and the student's share of the teacher per task.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,22 +37,31 @@ ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")  
 LOCAL_TASKS = ("cola", "mrpc", "rte", "sst2", "stsb", "wnli")  # the six in ../shared/data/glue
 # Published dev-set scores of small BERTs of the teacher's class (DistilBERT paper, Table 1; MiniLM-L6-H384
 # reports), as (low, high) in points; the table reports the teacher's gap to them.
-PUBLISHED = {"sst2": (91.3, 91.5), "cola": (47.5, 51.3), "mrpc": (87.5, 87.5), "rte": (59.9, 59.9),
-             "stsb": (86.9, 86.9)}
+PUBLISHED = {
+    "sst2": (91.3, 91.5),
+    "cola": (47.5, 51.3),
+    "mrpc": (87.5, 87.5),
+    "rte": (59.9, 59.9),
+    "stsb": (86.9, 86.9),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Which tasks, with which settings
 # ----------------------------------------------------------------------------------------------------------
 
+
 def build_glue_parser() -> argparse.ArgumentParser:
     """Every keydistill.train flag (applied to every task), --tasks, and runs/glue as the output folder."""
     parser = train_parser()
     parser.prog = "python -m keydistill.glue"
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--tasks", default=None,
-                        help="comma-separated tasks (e.g. cola,mrpc); default: every task with a folder in --data-dir "
-                             "(all nine from the hub without --data-dir)")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated tasks (e.g. cola,mrpc); default: every task with a folder in --data-dir "
+        "(all nine from the hub without --data-dir)",
+    )
     return parser
 
 
@@ -127,8 +137,10 @@ def task_score(task: str, results: dict) -> float:
 
 # The constant predictors the table shows under the models: (row key, label, plot colour). Each row of the
 # table's JSON holds <key> (the test metrics) and <key>_score (its GLUE score), None for regression.
-BASELINES = (("majority", "majority class (train's)", "black"),  # train's most frequent label: learnt nothing
-             ("test_majority", "majority class (test's)", "grey"))  # the split's own: the best constant
+BASELINES = (
+    ("majority", "majority class (train's)", "black"),  # train's most frequent label: learnt nothing
+    ("test_majority", "majority class (test's)", "grey"),
+)  # the split's own: the best constant
 
 
 def majority_baselines(cfg: TrainConfig) -> tuple[dict | None, dict | None]:
@@ -138,8 +150,15 @@ def majority_baselines(cfg: TrainConfig) -> tuple[dict | None, dict | None]:
     task = get_task(cfg.task)
     if task.is_regression:
         return None, None
-    data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-                     max_eval_samples=cfg.max_eval_samples, skip_bad_rows=cfg.skip_bad_rows)  # the run's own rows
+    data = load_task(
+        task,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        seed=cfg.seed,
+        max_train_samples=cfg.max_train_samples,
+        max_eval_samples=cfg.max_eval_samples,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )  # the run's own rows
     train_label = most_frequent(e.label for e in data.train)
     of_train, of_test = {}, {}
     for split, rows in data.test.items():
@@ -158,18 +177,29 @@ def task_row(name: str, cfg: TrainConfig, metrics: dict, seconds: float | None) 
     baselines = {}
     for (key, _, _), results in zip(BASELINES, majority_baselines(cfg)):
         baselines |= {key: results, f"{key}_score": task_score(name, results) if results else None}
-    return {"task": name, "teacher": metrics["teacher"], "student": metrics["student"],
-            "teacher_score": teacher, "student_score": student,
-            "student_share": student / teacher if teacher else None, "fidelity": metrics.get("fidelity"),
-            **baselines, "teacher_params": metrics["teacher_params"], "student_params": metrics["student_params"],
-            "inference_examples_per_s": metrics.get("inference_examples_per_s", {}),
-            "rows": metrics.get("rows"), "seconds": seconds if seconds is not None else metrics["seconds"],
-            "settings": dataclasses.asdict(cfg), "published": PUBLISHED.get(name)}
+    return {
+        "task": name,
+        "teacher": metrics["teacher"],
+        "student": metrics["student"],
+        "teacher_score": teacher,
+        "student_score": student,
+        "student_share": student / teacher if teacher else None,
+        "fidelity": metrics.get("fidelity"),
+        **baselines,
+        "teacher_params": metrics["teacher_params"],
+        "student_params": metrics["student_params"],
+        "inference_examples_per_s": metrics.get("inference_examples_per_s", {}),
+        "rows": metrics.get("rows"),
+        "seconds": seconds if seconds is not None else metrics["seconds"],
+        "settings": dataclasses.asdict(cfg),
+        "published": PUBLISHED.get(name),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The table: markdown, JSON, plot
 # ----------------------------------------------------------------------------------------------------------
+
 
 def cell(task: str, results: dict) -> str:
     """One task's GLUE metrics as DistilBERT prints them: F1/acc for MRPC, Pearson/Spearman for STS-B, MCC for
@@ -186,24 +216,41 @@ def markdown(rows: list[dict], summary: dict) -> str:
     for model in ("teacher", "student"):
         speed = np.mean([r["inference_examples_per_s"].get(model, np.nan) for r in rows])
         params = rows[0][f"{model}_params"] / 1e6
-        lines.append(f"| {model} | {summary[model]:.1f} | " + " | ".join(cell(r["task"], r[model]) for r in rows)
-                     + f" | {params:.1f}M | {speed:.0f} |")
-    lines.append(f"| student / teacher | {summary['share']:.2%} | "
-                 + " | ".join(f"{r['student_share']:.1%}" if r["student_share"] is not None else "n/a" for r in rows)
-                 + f" | {rows[0]['student_params'] / rows[0]['teacher_params']:.0%} | "
-                 f"{summary['speedup']:.2f}x |")
-    lines.append("| student fidelity | | " + " | ".join("n/a" if r.get("fidelity") is None else f"{r['fidelity']:.1%}"
-                                                  for r in rows) + " | | |")
+        lines.append(
+            f"| {model} | {summary[model]:.1f} | "
+            + " | ".join(cell(r["task"], r[model]) for r in rows)
+            + f" | {params:.1f}M | {speed:.0f} |"
+        )
+    lines.append(
+        f"| student / teacher | {summary['share']:.2%} | "
+        + " | ".join(f"{r['student_share']:.1%}" if r["student_share"] is not None else "n/a" for r in rows)
+        + f" | {rows[0]['student_params'] / rows[0]['teacher_params']:.0%} | "
+        f"{summary['speedup']:.2f}x |"
+    )
+    lines.append(
+        "| student fidelity | | "
+        + " | ".join("n/a" if r.get("fidelity") is None else f"{r['fidelity']:.1%}" for r in rows)
+        + " | | |"
+    )
     for key, label, _ in BASELINES:
-        lines.append(f"| {label} | " + (f"{summary[key]:.1f}" if summary[key] is not None else "n/a")
-                     + " | " + " | ".join(cell(r["task"], r[key]) if r[key] else "n/a" for r in rows) + " | | |")
-    lines += ["", "Score: the macro average of the task scores (each the mean of its metrics, in points). "
-              "Test is GLUE's labelled dev split; validation was held out of train. "
-              "Fidelity: the share of test examples where the student predicts the teacher's class (STS-B: the "
-              "correlation of their scores). Majority class: always predicting the most frequent label of train "
-              "(a model that learnt nothing) or of the test split itself (the best constant).", "",
-              "| task | teacher | published (DistilBERT Table 1 / MiniLM-L6-H384) | gap | minutes |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {label} | "
+            + (f"{summary[key]:.1f}" if summary[key] is not None else "n/a")
+            + " | "
+            + " | ".join(cell(r["task"], r[key]) if r[key] else "n/a" for r in rows)
+            + " | | |"
+        )
+    lines += [
+        "",
+        "Score: the macro average of the task scores (each the mean of its metrics, in points). "
+        "Test is GLUE's labelled dev split; validation was held out of train. "
+        "Fidelity: the share of test examples where the student predicts the teacher's class (STS-B: the "
+        "correlation of their scores). Majority class: always predicting the most frequent label of train "
+        "(a model that learnt nothing) or of the test split itself (the best constant).",
+        "",
+        "| task | teacher | published (DistilBERT Table 1 / MiniLM-L6-H384) | gap | minutes |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         published = r["published"]
         if published:
@@ -222,13 +269,19 @@ def summarise(rows: list[dict]) -> dict:
     baselines = {key: [r[f"{key}_score"] for r in rows] for key, _, _ in BASELINES}
     speeds = [r["inference_examples_per_s"] for r in rows if r["inference_examples_per_s"]]
     speedup = float(np.mean([s["student"] / s["teacher"] for s in speeds])) if speeds else float("nan")
-    return {"teacher": teacher, "student": student, "share": student / teacher if teacher else float("nan"),
-            **{key: float(np.mean(scores)) if None not in scores else None for key, scores in baselines.items()},
-            "speedup": speedup, "minutes": sum(r["seconds"] for r in rows) / 60}
+    return {
+        "teacher": teacher,
+        "student": student,
+        "share": student / teacher if teacher else float("nan"),
+        **{key: float(np.mean(scores)) if None not in scores else None for key, scores in baselines.items()},
+        "speedup": speedup,
+        "minutes": sum(r["seconds"] for r in rows) / 60,
+    }
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
     from keydistill.report import plt
+
     labels = [TASKS[r["task"]].folder for r in rows] + ["score"]
     teacher = [r["teacher_score"] for r in rows] + [summary["teacher"]]
     student = [r["student_score"] for r in rows] + [summary["student"]]
@@ -240,10 +293,20 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
         ax.annotate(f"{s / t:.0%}" if t else "n/a", (x[i] + 0.2, max(s, 0)), ha="center", va="bottom", fontsize=8)
     for key, label, color in BASELINES:
         majority = [r[f"{key}_score"] for r in rows]
-        ax.scatter([x[i] for i, m in enumerate(majority) if m is not None], [m for m in majority if m is not None],
-                   marker="_", s=400, color=color, label=label)
-    ax.set(xticks=x, xticklabels=labels, ylabel="GLUE score (points)",
-           title=f"keydistill on GLUE: the student keeps {summary['share']:.2%} of the teacher's score")
+        ax.scatter(
+            [x[i] for i, m in enumerate(majority) if m is not None],
+            [m for m in majority if m is not None],
+            marker="_",
+            s=400,
+            color=color,
+            label=label,
+        )
+    ax.set(
+        xticks=x,
+        xticklabels=labels,
+        ylabel="GLUE score (points)",
+        title=f"keydistill on GLUE: the student keeps {summary['share']:.2%} of the teacher's score",
+    )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside: the bars fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -253,6 +316,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------
+
 
 def run_glue(argv: list[str]) -> int:
     args = build_glue_parser().parse_args(argv)  # --help, and every flag checked once up front
@@ -287,9 +351,13 @@ def run_glue(argv: list[str]) -> int:
             failed[name] = f"{type(e).__name__}: {e}"
             continue
         rows.append(row)
-        print(f"[{i}/{len(tasks)}] {name} done in {row['seconds'] / 60:.1f} min: teacher {row['teacher_score']:.1f}, "
-              f"student {row['student_score']:.1f} ("
-              + ("n/a" if row["student_share"] is None else f"{row['student_share']:.1%}") + " of the teacher)", flush=True)
+        print(
+            f"[{i}/{len(tasks)}] {name} done in {row['seconds'] / 60:.1f} min: teacher {row['teacher_score']:.1f}, "
+            f"student {row['student_score']:.1f} ("
+            + ("n/a" if row["student_share"] is None else f"{row['student_share']:.1%}")
+            + " of the teacher)",
+            flush=True,
+        )
     return write_table(root, rows, failed, not_run, time.perf_counter() - started)
 
 
@@ -298,12 +366,16 @@ def write_table(root: Path, rows: list[dict], failed: dict, not_run: dict, secon
     print(f"\n== keydistill GLUE: {len(rows)} task(s) in {seconds / 60:.1f} min ==")
     if rows:
         summary = summarise(rows)
-        print(f"the tasks' own runs took {summary['minutes']:.1f} min in all (a reused task counts the minutes of "
-              f"its run)")
+        print(
+            f"the tasks' own runs took {summary['minutes']:.1f} min in all (a reused task counts the minutes of "
+            f"its run)"
+        )
         table = markdown(rows, summary)
         (root / "glue.md").write_text(table)
-        write_json(root / "glue.json", {"summary": summary, "tasks": rows, "failed": failed, "not_run": not_run,
-                                        "seconds": seconds})
+        write_json(
+            root / "glue.json",
+            {"summary": summary, "tasks": rows, "failed": failed, "not_run": not_run, "seconds": seconds},
+        )
         plot(rows, summary, root / "glue.png")
         print(table)
         print(f"written: {root / 'glue.md'}, {root / 'glue.json'}, {root / 'glue.png'}")

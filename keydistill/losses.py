@@ -20,6 +20,7 @@
 - aux: the bottleneck's own weighted commitment loss (pulls encoder outputs toward their assigned keys,
   which start as the carried teacher keys); absent without a bottleneck.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,12 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return ops.kd_loss(student_logits.float(), teacher_logits.float(), temperature=temperature)
 
 
-def hidden_state_loss(student_layers: list[torch.Tensor], teacher_layers: list[torch.Tensor],
-                      attention_mask: torch.Tensor, token_scale: float = 1.0) -> torch.Tensor:
+def hidden_state_loss(
+    student_layers: list[torch.Tensor],
+    teacher_layers: list[torch.Tensor],
+    attention_mask: torch.Tensor,
+    token_scale: float = 1.0,
+) -> torch.Tensor:
     """MSE between each student layer's output and its teacher layer's ([B, L, dim] each), over real tokens
     only, averaged over layers (TinyBERT's hidden-state loss without its projection: widths are equal).
 
@@ -79,9 +84,13 @@ def relation_log_probs(left: torch.Tensor, right: torch.Tensor, keep: torch.Tens
     return scores.log_softmax(-1)
 
 
-def relation_loss(student_layers: list[tuple[torch.Tensor, torch.Tensor]],
-                  teacher_layers: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor,
-                  num_heads: int, token_scale: float = 1.0) -> torch.Tensor:
+def relation_loss(
+    student_layers: list[tuple[torch.Tensor, torch.Tensor]],
+    teacher_layers: list[tuple[torch.Tensor, torch.Tensor]],
+    attention_mask: torch.Tensor,
+    num_heads: int,
+    token_scale: float = 1.0,
+) -> torch.Tensor:
     """MiniLM's self-attention transfer, for one kind of relation: per layer, head and real token,
     KL(teacher || student) between the distributions over the real tokens that each layer's pair of
     projections gives (relation_log_probs), averaged over layers, heads and tokens. Student and teacher layers
@@ -96,8 +105,13 @@ def relation_loss(student_layers: list[tuple[torch.Tensor, torch.Tensor]],
     return total / (keep.sum() * token_scale * num_heads * len(student_layers))
 
 
-def distillation_loss(student_out, teacher_logits: torch.Tensor, teacher_features: torch.Tensor,
-                      student_features: torch.Tensor, weights: DistillationWeights) -> dict[str, torch.Tensor]:
+def distillation_loss(
+    student_out,
+    teacher_logits: torch.Tensor,
+    teacher_features: torch.Tensor,
+    student_features: torch.Tensor,
+    weights: DistillationWeights,
+) -> dict[str, torch.Tensor]:
     """Each term and their weighted "total". student_out is a model output computed with labels
     (it carries .task_loss and, with a bottleneck, .aux_loss)."""
     terms = {
@@ -106,7 +120,11 @@ def distillation_loss(student_out, teacher_logits: torch.Tensor, teacher_feature
         "feature": F.mse_loss(student_features.float(), teacher_features.float()),
     }
     aux = student_out.aux_loss if student_out.aux_loss is not None else torch.zeros(())
-    terms["total"] = (weights.alpha * terms["soft"] + (1 - weights.alpha) * terms["task"]
-                      + weights.feature_weight * terms["feature"] + aux)
+    terms["total"] = (
+        weights.alpha * terms["soft"]
+        + (1 - weights.alpha) * terms["task"]
+        + weights.feature_weight * terms["feature"]
+        + aux
+    )
     terms["aux"] = aux
     return terms

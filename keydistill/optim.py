@@ -6,7 +6,7 @@ rows the batch selected (keydistill.value_lookup). LazyAdamW updates those rows 
 whose state_dict() is AdamW's (per parameter: step, exp_avg, exp_avg_sq), so checkpoints
 (keydistill.checkpoint) and AdamW checkpoints load into each other.
 
-Semantics against dense AdamW (tested in tests/test_optim.py):
+Semantics against dense AdamW (tested in tests/ops/test_optim.py):
 - Dense gradients: torch.optim.AdamW, the same code (make_optimizer picks torch's fused kernel for them where
   torch has one: the same update, up to rounding).
 - Row-sparse gradients, lazily, as torch.optim.SparseAdam and TensorFlow's LazyAdam do it: a row that has a
@@ -23,6 +23,7 @@ Semantics against dense AdamW (tested in tests/test_optim.py):
 Options the sparse path does not implement (amsgrad, capturable, differentiable) raise when a sparse
 gradient meets them; dense parameters support every AdamW option.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,17 @@ from keydistill import ops
 class LazyAdamW(torch.optim.AdamW):
     """torch.optim.AdamW for dense gradients, lazy AdamW on the rows of row-sparse ones (module doc)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, backend: str = "auto", **adamw_options):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        backend: str = "auto",
+        **adamw_options,
+    ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **adamw_options)
         self.backend = backend  # of ops.sparse_adamw_: "auto", "cpp" or "torch"
 
@@ -71,17 +81,29 @@ class LazyAdamW(torch.optim.AdamW):
         if not state:  # AdamW's initial state, so either path can continue it
             scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
             on_device = group.get("fused") or group.get("capturable")  # where AdamW keeps the step count then
-            state["step"] = torch.zeros((), dtype=torch.float32 if on_device else scalar,
-                                        device=p.device if on_device else None)
+            state["step"] = torch.zeros(
+                (), dtype=torch.float32 if on_device else scalar, device=p.device if on_device else None
+            )
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
-        width = math.prod(p.shape[p.grad.sparse_dim():])  # elements per row (the dense dimensions)
+        width = math.prod(p.shape[p.grad.sparse_dim() :])  # elements per row (the dense dimensions)
         beta1, beta2 = group["betas"]
-        ops.sparse_adamw_(p.view(-1, width), state["exp_avg"].view(-1, width), state["exp_avg_sq"].view(-1, width),
-                          rows, values.reshape(-1, width), lr=float(group["lr"]), beta1=float(beta1),
-                          beta2=float(beta2), eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-                          step=float(state["step"]), maximize=bool(group.get("maximize", False)), backend=self.backend)
+        ops.sparse_adamw_(
+            p.view(-1, width),
+            state["exp_avg"].view(-1, width),
+            state["exp_avg_sq"].view(-1, width),
+            rows,
+            values.reshape(-1, width),
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            step=float(state["step"]),
+            maximize=bool(group.get("maximize", False)),
+            backend=self.backend,
+        )
 
 
 def _adamw_step(optimizer: LazyAdamW) -> None:
@@ -100,7 +122,7 @@ def _distinct_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keydistill.value_lookup makes coalesced gradients, but autograd's copy into .grad drops the flag that says
     so; coalesce() would sort and copy them again, so a gradient whose rows already increase is taken as it
     is. Accumulated micro-batches (concatenated indices, rows repeated) are coalesced."""
-    sparse_shape = grad.shape[:grad.sparse_dim()]
+    sparse_shape = grad.shape[: grad.sparse_dim()]
     if not _rows_increase(grad):
         grad = grad.coalesce()
     return _row_numbers(grad._indices(), sparse_shape), grad._values()
@@ -110,7 +132,7 @@ def _rows_increase(grad: torch.Tensor) -> bool:
     """True when each row of a sparse COO gradient appears once, in order (coalesced, flagged or not)."""
     if grad.is_coalesced():
         return True
-    rows = _row_numbers(grad._indices(), grad.shape[:grad.sparse_dim()])
+    rows = _row_numbers(grad._indices(), grad.shape[: grad.sparse_dim()])
     return rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())
 
 

@@ -1,4 +1,5 @@
 """What a run shows a person: the one-screen summary table and the training-curves PNG."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,13 +13,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:
     """Teacher and student on val and test, the student/teacher ratio, the codebook, the time taken."""
     columns = [f"{split} {name}" for split in ("val", "test") for name in metric_names]
-    lines = [f"== keydistill {metrics['task']}: {metrics['seconds'] / 60:.1f} min ==",
-             f"{'model':<8} {'params':>8}  " + "  ".join(f"{c:>14}" for c in columns) + f"  {'inference ex/s':>14}"]
+    lines = [
+        f"== keydistill {metrics['task']}: {metrics['seconds'] / 60:.1f} min ==",
+        f"{'model':<8} {'params':>8}  " + "  ".join(f"{c:>14}" for c in columns) + f"  {'inference ex/s':>14}",
+    ]
     for model in ("teacher", "student"):
         values = [metrics[model][split][name] for split in ("val", "test") for name in metric_names]
         speed = metrics.get("inference_examples_per_s", {}).get(model, float("nan"))
-        lines.append(f"{model:<8} {metrics[model + '_params'] / 1e6:>7.1f}M  " + "  ".join(f"{v:>14.4f}" for v in values)
-                     + f"  {speed:>14.0f}")
+        lines.append(
+            f"{model:<8} {metrics[model + '_params'] / 1e6:>7.1f}M  "
+            + "  ".join(f"{v:>14.4f}" for v in values)
+            + f"  {speed:>14.0f}"
+        )
     primary = metric_names[0]
     teacher_test = metrics["teacher"]["test"][primary]
     if teacher_test:
@@ -31,15 +37,19 @@ def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:
     for model in ("teacher", "student"):
         usage = codebook[model]
         if usage is not None:
-            lines.append(f"{model} codebook on test: perplexity {usage['test_perplexity']:.1f} of {usage['num_keys']} keys, "
-                         f"{usage['test_live_fraction']:.0%} keys used ({usage['num_heads']} heads)")
+            lines.append(
+                f"{model} codebook on test: perplexity {usage['test_perplexity']:.1f} of {usage['num_keys']} keys, "
+                f"{usage['test_live_fraction']:.0%} keys used ({usage['num_heads']} heads)"
+            )
     if codebook["key_agreement"] is not None:
         lines.append(f"teacher-student key agreement on test: {codebook['key_agreement']:.1%}")
     lines.append(f"student best val at step {metrics['steps_to_best_val']}")
     for entry in metrics["history"]:
         val = ", ".join(f"{k} {v:.4f}" for k, v in entry["val"].items())
-        lines.append(f"  {entry['stage']:<18} epoch {entry['epoch']}: loss {entry['loss']['total']:.4f}, val {val}, "
-                     f"{entry['examples_per_s']:.0f} ex/s, {entry['seconds']:.0f} s")
+        lines.append(
+            f"  {entry['stage']:<18} epoch {entry['epoch']}: loss {entry['loss']['total']:.4f}, val {val}, "
+            f"{entry['examples_per_s']:.0f} ex/s, {entry['seconds']:.0f} s"
+        )
     return "\n".join(lines)
 
 
@@ -56,7 +66,9 @@ def plot_run(metrics: dict, path: str | Path) -> None:
     for stage in stages:
         entries = [e for e in metrics["history"] if e["stage"] == stage]
         name = next(iter(entries[0]["val"]))
-        val_ax.plot([e["epoch"] for e in entries], [e["val"][name] for e in entries], marker="o", label=f"{stage} {name}")
+        val_ax.plot(
+            [e["epoch"] for e in entries], [e["val"][name] for e in entries], marker="o", label=f"{stage} {name}"
+        )
     val_ax.set(title="validation", xlabel="epoch")
     val_ax.legend()
     for model in ("teacher", "student"):
@@ -65,7 +77,9 @@ def plot_run(metrics: dict, path: str | Path) -> None:
             counts = sorted((c for head in usage["key_counts"] for c in head), reverse=True)
             total = sum(counts) or 1
             usage_ax.plot([c / total for c in counts], label=model)
-    usage_ax.set(title="key usage on test (all heads, sorted)", xlabel="key rank", ylabel="share of lookups", yscale="log")
+    usage_ax.set(
+        title="key usage on test (all heads, sorted)", xlabel="key rank", ylabel="share of lookups", yscale="log"
+    )
     usage_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

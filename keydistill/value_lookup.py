@@ -15,6 +15,7 @@ and its transpose (the gradient) is again an embedding_bag, over the lookups sor
 - head_values: the per-(position, head) rows [N, H, V] (bags of one lookup), for the straight-through path
   that adds a soft term per head.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,9 @@ class _BagMean(torch.autograd.Function):
         starts = torch.cumsum(counts, 0) - counts
         grad_rows = F.embedding_bag(bags[order], share.contiguous(), starts, mode="sum")
         indices = torch.stack([torch.div(unique_rows, k, rounding_mode="floor"), unique_rows % k])
-        grad = torch.sparse_coo_tensor(indices, grad_rows.to(ctx.table_dtype), (h, k, v), is_coalesced=True,
-                                       check_invariants=False)
+        grad = torch.sparse_coo_tensor(
+            indices, grad_rows.to(ctx.table_dtype), (h, k, v), is_coalesced=True, check_invariants=False
+        )
         return grad, None, None
 
 

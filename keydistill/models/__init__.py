@@ -6,16 +6,34 @@
 - register_with_transformers: AutoConfig / AutoModelForSequenceClassification know both model types
   (done by `import keydistill`).
 """
+
 from keydistill.bottleneck import BottleneckConfig
-from keydistill.models.classifiers import (BertWithKeyBottleneck, DistilBertWithKeyBottleneck, KeyBottleneckClassifier,
-                                           KeyBottleneckOutput, is_checkpoint, load_model)
+from keydistill.models.classifiers import (
+    BertWithKeyBottleneck,
+    DistilBertWithKeyBottleneck,
+    KeyBottleneckClassifier,
+    KeyBottleneckOutput,
+    is_checkpoint,
+    load_model,
+)
 from keydistill.models.configuration import KeyBottleneckBertConfig, KeyBottleneckDistilBertConfig
 from keydistill.models.transfer import carry_keys, student_config_from_teacher, student_from_teacher, transfer_weights
 
 __all__ = [
-    "BottleneckConfig", "BertWithKeyBottleneck", "DistilBertWithKeyBottleneck", "KeyBottleneckClassifier",
-    "KeyBottleneckOutput", "KeyBottleneckBertConfig", "KeyBottleneckDistilBertConfig", "is_checkpoint", "load_model",
-    "transfer_weights", "carry_keys", "student_from_teacher", "student_config_from_teacher", "register_with_transformers",
+    "BottleneckConfig",
+    "BertWithKeyBottleneck",
+    "DistilBertWithKeyBottleneck",
+    "KeyBottleneckClassifier",
+    "KeyBottleneckOutput",
+    "KeyBottleneckBertConfig",
+    "KeyBottleneckDistilBertConfig",
+    "is_checkpoint",
+    "load_model",
+    "transfer_weights",
+    "carry_keys",
+    "student_from_teacher",
+    "student_config_from_teacher",
+    "register_with_transformers",
 ]
 
 

@@ -14,6 +14,7 @@ names) and model.safetensors (the whole state dict: encoder, projection, keys, E
 each written to a temporary name and renamed, weights first: a folder interrupted mid-save does not load.
 Folders of format 1 (keydistill_config.json + model.safetensors) still load.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ from transformers.utils import ModelOutput
 
 from keydistill.bottleneck import BottleneckConfig, DiscreteKeyBottleneck
 from keydistill.checkpoint import _replace_atomically
-from keydistill.models.configuration import (KeyBottleneckBertConfig, KeyBottleneckConfigMixin,
-                                             KeyBottleneckDistilBertConfig, label_fields)
+from keydistill.models.configuration import (
+    KeyBottleneckBertConfig,
+    KeyBottleneckConfigMixin,
+    KeyBottleneckDistilBertConfig,
+    label_fields,
+)
 
 CONFIG_FILE = "config.json"  # transformers' name, read by AutoConfig and pipelines
 WEIGHTS_FILE = "model.safetensors"
@@ -42,8 +47,19 @@ FORMAT_VERSION = 2
 FROM_CONFIG = "from config"  # default of the constructor's bottleneck: take it from a classifier config
 # from_pretrained arguments that only locate files on the hub, or that transformers' Auto classes and
 # pipelines pass along: meaningless for a local folder, accepted so those callers work.
-_LOCATION_KWARGS = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "token",
-                    "code_revision", "trust_remote_code", "adapter_kwargs", "use_safetensors", "low_cpu_mem_usage"}
+_LOCATION_KWARGS = {
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "token",
+    "code_revision",
+    "trust_remote_code",
+    "adapter_kwargs",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+}
 
 
 @dataclass
@@ -71,8 +87,15 @@ class KeyBottleneckClassifier(PreTrainedModel):
     encoder_config_class: type  # what the encoder is built from (BertConfig / DistilBertConfig)
     base_model_prefix = "encoder"
 
-    def __init__(self, config, bottleneck: BottleneckConfig | None | str = FROM_CONFIG, num_labels: int | None = None,
-                 *, encoder: nn.Module | None = None, label_names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        config,
+        bottleneck: BottleneckConfig | None | str = FROM_CONFIG,
+        num_labels: int | None = None,
+        *,
+        encoder: nn.Module | None = None,
+        label_names: Sequence[str] | None = None,
+    ):
         """config: the encoder's config (e.g. a BertConfig), or a classifier config, which also supplies the
         bottleneck, num_labels and label names unless they are passed. bottleneck=None: a plain head."""
         config = self._classifier_config(config, bottleneck, num_labels, label_names)
@@ -91,8 +114,10 @@ class KeyBottleneckClassifier(PreTrainedModel):
             raise TypeError(f"{cls.__name__} needs a {cls.encoder_config_class.__name__}, got {type(config).__name__}")
         own = isinstance(config, cls.config_class)
         if not own and (isinstance(bottleneck, str) or num_labels is None):
-            raise TypeError(f"{cls.__name__}({type(config).__name__}, bottleneck, num_labels): pass the bottleneck "
-                            "(a BottleneckConfig, or None for a plain head) and num_labels")
+            raise TypeError(
+                f"{cls.__name__}({type(config).__name__}, bottleneck, num_labels): pass the bottleneck "
+                "(a BottleneckConfig, or None for a plain head) and num_labels"
+            )
         if isinstance(bottleneck, str):
             bottleneck = config.bottleneck_config()
         if num_labels is None:
@@ -142,23 +167,33 @@ class KeyBottleneckClassifier(PreTrainedModel):
         self.config.id2label, self.config.label2id = fields["id2label"], fields["label2id"]
 
     # ---- forward ----------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> KeyBottleneckOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> KeyBottleneckOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self._encode(input_ids, attention_mask, token_type_ids)
         return self.forward_hidden(hidden, attention_mask, labels)
 
-    def forward_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       labels: torch.Tensor | None = None) -> KeyBottleneckOutput:
+    def forward_hidden(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> KeyBottleneckOutput:
         """Everything after the encoder, from its output hidden [B, L, dim]: for cached frozen-encoder outputs."""
         if self.bottleneck is None:
             logits, routing = self.head(hidden[:, 0]), {}
         else:
             routed = self.bottleneck(hidden, attention_mask)
             logits = self.head(routed.pooled)
-            routing = dict(aux_loss=routed.aux_loss, queries=routed.queries, key_indices=routed.key_indices,
-                           positions=routed.positions)
+            routing = dict(
+                aux_loss=routed.aux_loss,
+                queries=routed.queries,
+                key_indices=routed.key_indices,
+                positions=routed.positions,
+            )
         loss = task_loss = None
         if labels is not None:
             task_loss = self.task_loss(logits, labels)
@@ -172,8 +207,14 @@ class KeyBottleneckClassifier(PreTrainedModel):
         return F.cross_entropy(logits.float(), labels.long())
 
     # ---- saving and loading -----------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, *, is_main_process: bool = True,
-                        max_shard_size=None, safe_serialization: bool = True) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        is_main_process: bool = True,
+        max_shard_size=None,
+        safe_serialization: bool = True,
+    ) -> None:
         """Write model.safetensors, then config.json, into `save_directory` (created if needed).
 
         Each file goes to a temporary name and is renamed into place; an older config is removed first. So
@@ -196,8 +237,13 @@ class KeyBottleneckClassifier(PreTrainedModel):
         _sync_directory(path)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, num_labels: int | None = None,
-                        bottleneck: BottleneckConfig | None = None, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        num_labels: int | None = None,
+        bottleneck: BottleneckConfig | None = None,
+        **kwargs,
+    ):
         """Load a saved keydistill checkpoint folder, or start from a pretrained encoder.
 
         - A folder written by save_pretrained (format 2, or the older format 1) is restored exactly;
@@ -213,19 +259,27 @@ class KeyBottleneckClassifier(PreTrainedModel):
         folder = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
         if not is_checkpoint(folder):
             if isinstance(kwargs.get("config"), KeyBottleneckConfigMixin):
-                raise OSError(f"{pretrained_model_name_or_path}: keydistill models load from a local folder holding "
-                              f"{CONFIG_FILE} and {WEIGHTS_FILE}; download a hub repository first "
-                              "(huggingface_hub.snapshot_download)")
+                raise OSError(
+                    f"{pretrained_model_name_or_path}: keydistill models load from a local folder holding "
+                    f"{CONFIG_FILE} and {WEIGHTS_FILE}; download a hub repository first "
+                    "(huggingface_hub.snapshot_download)"
+                )
             encoder = cls._load_encoder(str(pretrained_model_name_or_path), **kwargs)
-            model = cls(encoder.config, bottleneck or BottleneckConfig(), 2 if num_labels is None else num_labels,
-                        encoder=encoder)
+            model = cls(
+                encoder.config,
+                bottleneck or BottleneckConfig(),
+                2 if num_labels is None else num_labels,
+                encoder=encoder,
+            )
             return model.eval()
         kwargs.pop("subfolder", None)
         config = kwargs.pop("config", None)
         dtype, device = _load_options(kwargs)
         meta = read_checkpoint_config(folder)
         if meta["model_class"] != cls.__name__:
-            raise TypeError(f"{folder} holds a {meta['model_class']}, not a {cls.__name__}; load it with that class or load_model()")
+            raise TypeError(
+                f"{folder} holds a {meta['model_class']}, not a {cls.__name__}; load it with that class or load_model()"
+            )
         saved_bottleneck = BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None
         _check_matches(folder, "num_labels", num_labels, meta["num_labels"])
         _check_matches(folder, "bottleneck", bottleneck, saved_bottleneck)
@@ -255,7 +309,9 @@ class BertWithKeyBottleneck(KeyBottleneckClassifier):
         return BertModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
 
     def _encode(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        return self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
 
 
 class DistilBertWithKeyBottleneck(KeyBottleneckClassifier):
@@ -327,16 +383,25 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     if saved is not None:
         cls = MODEL_TYPES[saved["model_type"]]
         config = cls.config_class.from_dict(saved)
-        return {"format_version": FORMAT_VERSION, "model_class": cls.__name__, "num_labels": config.num_labels,
-                "bottleneck": config.bottleneck, "encoder_config": config.encoder_config().to_dict(),
-                "label_names": list(config.label_names)}
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_class": cls.__name__,
+            "num_labels": config.num_labels,
+            "bottleneck": config.bottleneck,
+            "encoder_config": config.encoder_config().to_dict(),
+            "label_names": list(config.label_names),
+        }
     path = Path(directory) / LEGACY_CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"{directory} is not a keydistill model folder (no keydistill {CONFIG_FILE} or {LEGACY_CONFIG_FILE})")
+        raise ValueError(
+            f"{directory} is not a keydistill model folder (no keydistill {CONFIG_FILE} or {LEGACY_CONFIG_FILE})"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != 1 or meta.get("model_class") not in MODEL_CLASSES:
-        raise ValueError(f"{path} is not a keydistill checkpoint config of format 1 "
-                         f"(format_version={meta.get('format_version')!r}, model_class={meta.get('model_class')!r})")
+        raise ValueError(
+            f"{path} is not a keydistill checkpoint config of format 1 "
+            f"(format_version={meta.get('format_version')!r}, model_class={meta.get('model_class')!r})"
+        )
     return {**meta, "label_names": [f"LABEL_{i}" for i in range(meta["num_labels"])]}
 
 
@@ -346,10 +411,14 @@ def load_model(directory: str | Path) -> KeyBottleneckClassifier:
     return _restore(MODEL_CLASSES[meta["model_class"]], directory, meta)
 
 
-def _restore(cls, directory: str | Path, meta: dict, config: KeyBottleneckConfigMixin | None = None) -> KeyBottleneckClassifier:
+def _restore(
+    cls, directory: str | Path, meta: dict, config: KeyBottleneckConfigMixin | None = None
+) -> KeyBottleneckClassifier:
     """The model a checkpoint folder holds, built from `config` (default: the folder's), in eval mode."""
     if config is not None and not isinstance(config, cls.config_class):
-        raise TypeError(f"config must be a {cls.config_class.__name__} to load a {cls.__name__}, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a {cls.config_class.__name__} to load a {cls.__name__}, got {type(config).__name__}"
+        )
     if config is None:
         config = cls.encoder_config_class.from_dict(meta["encoder_config"])
         bottleneck = BottleneckConfig.from_dict(meta["bottleneck"]) if meta["bottleneck"] is not None else None
@@ -377,8 +446,9 @@ def _weights_mismatch(expected: dict, saved: dict) -> str:
     parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
     if shapes:
         k = shapes[0]
-        parts.append(f"{len(shapes)} of another shape (e.g. {k}: saved {list(saved[k].shape)}, "
-                     f"config {list(expected[k].shape)})")
+        parts.append(
+            f"{len(shapes)} of another shape (e.g. {k}: saved {list(saved[k].shape)}, config {list(expected[k].shape)})"
+        )
     return "; ".join(parts)
 
 

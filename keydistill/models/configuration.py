@@ -11,6 +11,7 @@ DistilBertConfig (model_type "keydistill_distilbert"): every encoder attribute r
 Saved as config.json; `import keydistill` registers both model types with AutoConfig, so
 AutoConfig / AutoModelForSequenceClassification / pipeline recognise the folders.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,8 +21,19 @@ from transformers import BertConfig, DistilBertConfig
 from keydistill.bottleneck import BottleneckConfig
 
 # Config keys that belong to the classifier, not to the encoder inside it.
-CLASSIFIER_KEYS = ("bottleneck", "id2label", "label2id", "num_labels", "problem_type", "architectures",
-                   "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype")
+CLASSIFIER_KEYS = (
+    "bottleneck",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "auto_map",
+    "dtype",
+    "torch_dtype",
+)
 
 
 class KeyBottleneckConfigMixin:
@@ -30,12 +42,20 @@ class KeyBottleneckConfigMixin:
     encoder_config_class: type
 
     @classmethod
-    def from_encoder_config(cls, encoder_config, bottleneck: BottleneckConfig | None, num_labels: int,
-                            label_names: Sequence[str] | None = None):
+    def from_encoder_config(
+        cls,
+        encoder_config,
+        bottleneck: BottleneckConfig | None,
+        num_labels: int,
+        label_names: Sequence[str] | None = None,
+    ):
         """A classifier config from an encoder config (plain or already a classifier's, which is copied)."""
         fields = {k: v for k, v in encoder_config.to_dict().items() if k not in CLASSIFIER_KEYS}
-        return cls(**fields, bottleneck=bottleneck.to_dict() if bottleneck is not None else None,
-                   **label_fields(num_labels, label_names))
+        return cls(
+            **fields,
+            bottleneck=bottleneck.to_dict() if bottleneck is not None else None,
+            **label_fields(num_labels, label_names),
+        )
 
     def encoder_config(self):
         """The plain BertConfig / DistilBertConfig the encoder is built from."""
@@ -68,9 +88,12 @@ def label_fields(num_labels: int, label_names: Sequence[str] | None) -> dict:
     if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
         raise ValueError(f"num_labels must be an integer >= 1 (1 means regression), got {num_labels!r}")
     names = check_label_names(num_labels, label_names) or tuple(f"LABEL_{i}" for i in range(num_labels))
-    return {"num_labels": num_labels, "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
-            "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
+    return {
+        "num_labels": num_labels,
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+        "problem_type": "regression" if num_labels == 1 else "single_label_classification",
+    }
 
 
 def check_label_names(num_labels: int, label_names: Sequence[str] | None) -> tuple[str, ...]:
@@ -82,5 +105,7 @@ def check_label_names(num_labels: int, label_names: Sequence[str] | None) -> tup
     if num_labels == 1:
         raise ValueError(f"a regression model (num_labels=1) has no label names, got {list(names)}")
     if len(names) != num_labels or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"label names must be {num_labels} distinct non-empty strings, one per class, got {list(names)}")
+        raise ValueError(
+            f"label names must be {num_labels} distinct non-empty strings, one per class, got {list(names)}"
+        )
     return names

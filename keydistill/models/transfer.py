@@ -5,6 +5,7 @@ DistilBERT-style initialisation: the student takes the teacher's embeddings and 
 The bottleneck's values (and projection) and the head are copied too. carry_keys then copies the codebook (keys and EMA
 state), so the student starts by routing through exactly the teacher's keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,11 @@ LAYER_NAME_MAP = {
 TEACHER_LAYER = "encoder.encoder.layer.{}."  # inside BertWithKeyBottleneck
 STUDENT_LAYER = "encoder.transformer.layer.{}."  # inside DistilBertWithKeyBottleneck
 # Embedding parameters with one name in both models; the word embeddings also absorb token type 0.
-EMBEDDINGS = ("encoder.embeddings.position_embeddings.weight", "encoder.embeddings.LayerNorm.weight",
-              "encoder.embeddings.LayerNorm.bias")
+EMBEDDINGS = (
+    "encoder.embeddings.position_embeddings.weight",
+    "encoder.embeddings.LayerNorm.weight",
+    "encoder.embeddings.LayerNorm.bias",
+)
 WORD_EMBEDDINGS = "encoder.embeddings.word_embeddings.weight"
 TOKEN_TYPE_EMBEDDINGS = "encoder.embeddings.token_type_embeddings.weight"
 
@@ -51,7 +55,9 @@ def student_config_from_teacher(teacher_config: BertConfig, num_layers: int) -> 
     if position_type != "absolute":
         raise ValueError(f"DistilBERT has absolute position embeddings only; the teacher uses {position_type!r}")
     if not isinstance(teacher_config.hidden_act, str):
-        raise ValueError(f"the teacher's activation must be named by a string to carry over, got {teacher_config.hidden_act!r}")
+        raise ValueError(
+            f"the teacher's activation must be named by a string to carry over, got {teacher_config.hidden_act!r}"
+        )
     return DistilBertConfig(
         vocab_size=teacher_config.vocab_size,
         max_position_embeddings=teacher_config.max_position_embeddings,
@@ -69,9 +75,14 @@ def student_config_from_teacher(teacher_config: BertConfig, num_layers: int) -> 
     )
 
 
-def student_from_teacher(teacher: BertWithKeyBottleneck, layers: Sequence[int] | None = None, carry: bool = True,
-                         *, with_bottleneck: bool = True,
-                         bottleneck_overrides: dict | None = None) -> DistilBertWithKeyBottleneck:
+def student_from_teacher(
+    teacher: BertWithKeyBottleneck,
+    layers: Sequence[int] | None = None,
+    carry: bool = True,
+    *,
+    with_bottleneck: bool = True,
+    bottleneck_overrides: dict | None = None,
+) -> DistilBertWithKeyBottleneck:
     """A student with the teacher's embeddings and `layers` (default every other layer), the teacher's
     bottleneck values, projection and head, and (carry=True) the teacher's keys and EMA state, all set
     before any student forward. It lives on the teacher's device, in the teacher's train/eval mode.
@@ -102,8 +113,9 @@ def student_from_teacher(teacher: BertWithKeyBottleneck, layers: Sequence[int] |
 
 
 @torch.no_grad()
-def transfer_weights(teacher: BertWithKeyBottleneck, student: DistilBertWithKeyBottleneck,
-                     layers: Sequence[int] | None = None) -> dict:
+def transfer_weights(
+    teacher: BertWithKeyBottleneck, student: DistilBertWithKeyBottleneck, layers: Sequence[int] | None = None
+) -> dict:
     """Copy the teacher's embeddings, layers `layers` (student layer j <- teacher layer layers[j]),
     bottleneck values/projection and head into the student. Raises ValueError on any mismatch, before
     copying anything. Returns {"layers": [...], "copied": {student name: teacher source}, "skipped": [...]}.
@@ -129,10 +141,16 @@ def carry_keys(teacher: BertWithKeyBottleneck, student: DistilBertWithKeyBottlen
     if source is None or target is None:
         raise ValueError("carry_keys needs a bottleneck on both teacher and student")
     if source.keys.shape != target.keys.shape or source.config.projection != target.config.projection:
-        raise ValueError(f"codebooks differ: teacher keys {tuple(source.keys.shape)} with {source.config.projection!r} projection, "
-                         f"student keys {tuple(target.keys.shape)} with {target.config.projection!r} projection")
-    if source.config.projection == "random" and not torch.equal(source.projection, target.projection.to(source.projection.device)):
-        raise ValueError("the keys live in the teacher's random projection, which the student lacks; run transfer_weights first")
+        raise ValueError(
+            f"codebooks differ: teacher keys {tuple(source.keys.shape)} with {source.config.projection!r} projection, "
+            f"student keys {tuple(target.keys.shape)} with {target.config.projection!r} projection"
+        )
+    if source.config.projection == "random" and not torch.equal(
+        source.projection, target.projection.to(source.projection.device)
+    ):
+        raise ValueError(
+            "the keys live in the teacher's random projection, which the student lacks; run transfer_weights first"
+        )
     for name in CODEBOOK_STATE:
         getattr(target, name).copy_(getattr(source, name))
 
@@ -141,8 +159,10 @@ def _checked_layers(teacher, student, layers) -> list[int]:
     num_teacher = teacher.config.num_hidden_layers
     layers = default_layers(num_teacher) if layers is None else [int(i) for i in layers]
     if len(layers) != student.config.n_layers:
-        raise ValueError(f"layers {layers} name {len(layers)} teacher layers but the student has {student.config.n_layers}; "
-                         "pass one teacher layer per student layer")
+        raise ValueError(
+            f"layers {layers} name {len(layers)} teacher layers but the student has {student.config.n_layers}; "
+            "pass one teacher layer per student layer"
+        )
     if any(not 0 <= i < num_teacher for i in layers):
         raise ValueError(f"layers {layers} must lie in [0, {num_teacher}) (the teacher's layers)")
     return layers
@@ -171,8 +191,10 @@ def _check_encoders_match(teacher, student) -> None:
 def _encoder_plan(teacher_state: dict, layers: list[int]) -> dict:
     """{student name: (teacher source, tensor)} for the embeddings and the chosen layers."""
     plan = {name: (name, teacher_state[name]) for name in EMBEDDINGS}
-    plan[WORD_EMBEDDINGS] = (f"{WORD_EMBEDDINGS} + {TOKEN_TYPE_EMBEDDINGS}[0]",
-                             teacher_state[WORD_EMBEDDINGS] + teacher_state[TOKEN_TYPE_EMBEDDINGS][0])
+    plan[WORD_EMBEDDINGS] = (
+        f"{WORD_EMBEDDINGS} + {TOKEN_TYPE_EMBEDDINGS}[0]",
+        teacher_state[WORD_EMBEDDINGS] + teacher_state[TOKEN_TYPE_EMBEDDINGS][0],
+    )
     for j, i in enumerate(layers):
         for bert_name, distil_name in LAYER_NAME_MAP.items():
             for suffix in ("weight", "bias"):
@@ -185,12 +207,16 @@ def _head_plan(teacher, student) -> dict:
     """Head plus every non-codebook bottleneck tensor (values, and the projection unless it is a split)."""
     t_config = teacher.bottleneck.config if teacher.bottleneck is not None else None
     s_config = student.bottleneck.config if student.bottleneck is not None else None
-    if (t_config is None) != (s_config is None) or (t_config is not None and t_config.codebook() != s_config.codebook()):
+    if (t_config is None) != (s_config is None) or (
+        t_config is not None and t_config.codebook() != s_config.codebook()
+    ):
         raise ValueError(f"bottleneck configs differ: teacher {t_config}, student {s_config}")
     if teacher.num_labels != student.num_labels:
         raise ValueError(f"num_labels differ: teacher {teacher.num_labels}, student {student.num_labels}")
     names = [n for n, _ in teacher.named_parameters() if n.startswith(("head.", "bottleneck."))]
-    names += [n for n, _ in teacher.named_buffers() if n.startswith("bottleneck.") and n.split(".")[-1] not in CODEBOOK_STATE]
+    names += [
+        n for n, _ in teacher.named_buffers() if n.startswith("bottleneck.") and n.split(".")[-1] not in CODEBOOK_STATE
+    ]
     teacher_state = teacher.state_dict()
     return {name: (name, teacher_state[name]) for name in names}
 
@@ -199,9 +225,16 @@ def _copy(student, plan: dict) -> None:
     """Check the whole plan (names, shapes, full coverage of the student's encoder), then copy it."""
     target = student.state_dict()
     problems = [f"{name}: not in the student" for name in plan if name not in target]
-    problems += [f"{name}: teacher {tuple(t.shape)} vs student {tuple(target[name].shape)}"
-                 for name, (_, t) in plan.items() if name in target and t.shape != target[name].shape]
-    problems += [f"encoder.{name}: left uncopied" for name, _ in student.encoder.named_parameters() if f"encoder.{name}" not in plan]
+    problems += [
+        f"{name}: teacher {tuple(t.shape)} vs student {tuple(target[name].shape)}"
+        for name, (_, t) in plan.items()
+        if name in target and t.shape != target[name].shape
+    ]
+    problems += [
+        f"encoder.{name}: left uncopied"
+        for name, _ in student.encoder.named_parameters()
+        if f"encoder.{name}" not in plan
+    ]
     if problems:
         raise ValueError("weight transfer does not fit:\n  " + "\n  ".join(problems))
     for name, (_, tensor) in plan.items():

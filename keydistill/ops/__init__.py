@@ -11,15 +11,24 @@
 backend is "auto" (fastest available for the tensors' device), "cuda", "triton", "cpp" or "torch".
 All validation happens here, once, before any backend runs.
 """
+
 from __future__ import annotations
 
 import torch
 
 from keydistill.ops import _checks, reference
-from keydistill.ops._backends import BackendUnavailable, backends, resolve, implementation
+from keydistill.ops._backends import BackendUnavailable, backends, implementation, resolve
 
-__all__ = ["nearest_key", "ema_update_", "kd_loss", "kd_loss_linear", "sparse_adamw_", "backends", "BackendUnavailable",
-           "reference"]
+__all__ = [
+    "nearest_key",
+    "ema_update_",
+    "kd_loss",
+    "kd_loss_linear",
+    "sparse_adamw_",
+    "backends",
+    "BackendUnavailable",
+    "reference",
+]
 
 
 def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, backend: str = "auto"):
@@ -36,8 +45,18 @@ def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, backend: str = "auto"):
         return impl.nearest_key(x, keys)
 
 
-def ema_update_(keys, cluster_size, embed_sum, x, index, *, decay: float, eps: float = 1e-5,
-                deterministic: bool | None = None, backend: str = "auto") -> None:
+def ema_update_(
+    keys,
+    cluster_size,
+    embed_sum,
+    x,
+    index,
+    *,
+    decay: float,
+    eps: float = 1e-5,
+    deterministic: bool | None = None,
+    backend: str = "auto",
+) -> None:
     """EMA update of a codebook from the rows x [N, H, d] assigned to keys by index [N, H], in place.
 
     State (keys [H, K, d], cluster_size [H, K], embed_sum [H, K, d]) is float32. Counts and sums are exact.
@@ -54,11 +73,20 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, *, decay: float, eps: f
         if name == "torch":
             reference.ema_update_(keys, cluster_size, embed_sum, x, index.long(), decay=float(decay), eps=float(eps))
         else:
-            implementation(name).ema_update_(keys, cluster_size, embed_sum, x, index, float(decay), float(eps), bool(deterministic))
+            implementation(name).ema_update_(
+                keys, cluster_size, embed_sum, x, index, float(decay), float(eps), bool(deterministic)
+            )
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-            mask: torch.Tensor | None = None, reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    backend: str = "auto",
+) -> torch.Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)) per row, reduced.
 
     reduction: "batchmean" (sum over included rows / their number), "sum", or "none" ([N], 0 for
@@ -80,18 +108,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     _checks.check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction)
     name = resolve("kd_loss", backend, student_logits.device)
     if name == "torch":
-        return reference.kd_loss(student_logits, teacher_logits, temperature=float(temperature), mask=mask, reduction=reduction)
+        return reference.kd_loss(
+            student_logits, teacher_logits, temperature=float(temperature), mask=mask, reduction=reduction
+        )
     if name in ("cpp", "cuda"):  # one op whose C++ autograd never differentiates the teacher
         return implementation(name).kd_loss(student_logits, teacher_logits, float(temperature), mask, reduction)
     rows = implementation(name).kd_loss_rows(student_logits, teacher_logits.detach(), float(temperature), mask)
     return reference.reduce_rows(rows, mask, reduction)
 
 
-def kd_loss_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-                   *, temperature: float = 1.0, student_bias: torch.Tensor | None = None,
-                   teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-                   teacher_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                   reduction: str = "batchmean", chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+def kd_loss_linear(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    student_bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits) without the [N, V] logits.
 
     student_hidden [N, h], student_weight [V, h], student_bias [V] (one dtype). The teacher is
@@ -111,16 +151,38 @@ def kd_loss_linear(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     device_type = student_hidden.device.type
     if torch.is_autocast_enabled(device_type):
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast_dtype(
-            device_type, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-    _checks.check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
-                                 teacher_weight, teacher_bias, temperature, mask, reduction, chunk_size)
+            device_type, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+        )
+    _checks.check_kd_loss_linear(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        temperature,
+        mask,
+        reduction,
+        chunk_size,
+    )
     name = resolve("kd_loss_linear", backend, student_hidden.device)
     kd_rows = implementation(name).kd_loss_rows
     with torch.autocast(device_type, enabled=False):  # the chunks' matmuls write into buffers of the inputs' dtype
         return reference.kd_loss_linear(
-            student_hidden, student_weight, teacher_logits, temperature=float(temperature), student_bias=student_bias,
-            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias, mask=mask,
-            reduction=reduction, chunk_size=chunk_size, kd_rows=kd_rows)
+            student_hidden,
+            student_weight,
+            teacher_logits,
+            temperature=float(temperature),
+            student_bias=student_bias,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            mask=mask,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            kd_rows=kd_rows,
+        )
 
 
 def _autocast_dtype(device_type: str, *tensors):
@@ -129,9 +191,22 @@ def _autocast_dtype(device_type: str, *tensors):
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor,
-                  grad: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                  weight_decay: float = 0.0, step: float, maximize: bool = False, backend: str = "auto") -> None:
+def sparse_adamw_(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    step: float,
+    maximize: bool = False,
+    backend: str = "auto",
+) -> None:
     """AdamW on the rows `rows` of param, exp_avg and exp_avg_sq [R, D], in place; all other rows untouched.
 
     rows: int64 [U], strictly increasing (a coalesced row-sparse gradient's indices); grad: [U, D], those rows'
@@ -142,10 +217,19 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     _checks.check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step)
     name = resolve("sparse_adamw_", backend, param.device)
     if name not in ("cpp", "torch"):
-        raise BackendUnavailable(f"sparse_adamw_: backend {name!r} is unavailable: sparse_adamw_ has cpp and torch "
-                                 "backends only (the torch one runs on any device)")
-    scalars = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                   weight_decay=float(weight_decay), step=float(step), maximize=bool(maximize))
+        raise BackendUnavailable(
+            f"sparse_adamw_: backend {name!r} is unavailable: sparse_adamw_ has cpp and torch "
+            "backends only (the torch one runs on any device)"
+        )
+    scalars = dict(
+        lr=float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        step=float(step),
+        maximize=bool(maximize),
+    )
     with torch.no_grad():
         if name == "torch":
             reference.sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, **scalars)

@@ -5,6 +5,7 @@ Backends: "cuda" (C++/CUDA kernels in keydistill._C), "triton" (keydistill.ops.t
 `auto` takes the first available backend of the device's preference list and never fails; an explicit
 request for a missing backend raises BackendUnavailable saying why and how to get it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,13 @@ ALL = ("cuda", "triton", "cpp", "torch")
 # Preference per device type for `auto`. On CUDA the order is per op, from benchmarks/gpu_check.py
 # (update it from that script's table). The Triton interpreter (CPU) is exact but slow: never automatic.
 AUTO_ORDER = {
-    "cpu": {"nearest_key": ("cpp", "torch"), "ema_update_": ("cpp", "torch"), "kd_loss": ("cpp", "torch"),
-            "kd_loss_linear": ("cpp", "torch"), "sparse_adamw_": ("cpp", "torch")},
+    "cpu": {
+        "nearest_key": ("cpp", "torch"),
+        "ema_update_": ("cpp", "torch"),
+        "kd_loss": ("cpp", "torch"),
+        "kd_loss_linear": ("cpp", "torch"),
+        "sparse_adamw_": ("cpp", "torch"),
+    },
     "cuda": {
         "nearest_key": ("cuda", "triton", "torch"),
         "ema_update_": ("cuda", "triton", "torch"),
@@ -41,9 +47,14 @@ def _extension():
     """(module or None, reason) for the compiled extension keydistill._C."""
     try:
         from keydistill.ops import _library  # noqa: F401  (loads _C and registers fake kernels + autograd)
+
         return _library, ""
     except (ImportError, OSError) as err:  # no compiler at install time, or a broken build
-        return None, f"keydistill._C could not be loaded ({err}); reinstall with `pip install -e . --no-build-isolation` on a machine with a C++ compiler"
+        return (
+            None,
+            f"keydistill._C could not be loaded ({err}); reinstall with "
+            "`pip install -e . --no-build-isolation` on a machine with a C++ compiler",
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +88,10 @@ def why_unavailable(backend: str, device_type: str | None = None) -> str:
         if ext is None:
             return reason
         if not ext.has_cuda_kernels():
-            return "keydistill._C was built without CUDA kernels; rebuild with a CUDA build of torch and nvcc on the PATH (and KEYDISTILL_SKIP_CUDA unset)"
+            return (
+                "keydistill._C was built without CUDA kernels; rebuild with a CUDA build of torch and nvcc "
+                "on the PATH (and KEYDISTILL_SKIP_CUDA unset)"
+            )
         if not torch.cuda.is_available():
             return "no CUDA device is available"
         return ""
@@ -117,6 +131,7 @@ def implementation(backend: str):
 def _load(backend: str):
     if backend == "torch":
         from keydistill.ops import reference
+
         return reference
     if backend in ("cpp", "cuda"):
         return _extension()[0]

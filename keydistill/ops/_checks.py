@@ -3,6 +3,7 @@
 Every failure raises TypeError (wrong type/dtype/device) or ValueError (wrong shape/value) naming the
 argument and the reason, so no backend ever sees input it could crash or return garbage on.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,9 +54,14 @@ def check_nearest_key(x, keys):
     if keys.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"keys must have x's dtype ({x.dtype}) or float32, got {keys.dtype}")
     if x.shape[1] != keys.shape[0]:
-        raise ValueError(f"x has H={x.shape[1]} heads (shape {tuple(x.shape)}) but keys has H={keys.shape[0]} (shape {tuple(keys.shape)})")
+        raise ValueError(
+            f"x has H={x.shape[1]} heads (shape {tuple(x.shape)}) "
+            f"but keys has H={keys.shape[0]} (shape {tuple(keys.shape)})"
+        )
     if x.shape[2] != keys.shape[2]:
-        raise ValueError(f"x has d={x.shape[2]} (shape {tuple(x.shape)}) but keys has d={keys.shape[2]} (shape {tuple(keys.shape)})")
+        raise ValueError(
+            f"x has d={x.shape[2]} (shape {tuple(x.shape)}) but keys has d={keys.shape[2]} (shape {tuple(keys.shape)})"
+        )
     if keys.shape[1] == 0:
         raise ValueError("keys must hold at least one key per head (K >= 1), got K=0")
     at_most("K", keys.shape[1], MAX_KEYS)
@@ -107,7 +113,10 @@ def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
     tensor("teacher_logits", teacher_logits, ndim=2, dtypes=FLOAT_DTYPES)
     same_device(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have one shape [N, V]")
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
+            "must have one shape [N, V]"
+        )
     if student_logits.shape[1] < 1:
         raise ValueError("logits must have V >= 1 classes")
     at_most("N", student_logits.shape[0], INT32_MAX - 1)
@@ -118,11 +127,21 @@ def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
 def _plain_kd_call(student, teacher, temperature, mask, reduction) -> bool:
     """True for plain tensors of one float dtype family, one shape [N, V >= 1] and device, no mask, a float
     temperature in (0, inf) and a known reduction; anything else goes through the checks that explain."""
-    return (type(student) is torch.Tensor and type(teacher) is torch.Tensor and mask is None
-            and type(temperature) is float and 0.0 < temperature < math.inf and reduction in REDUCTIONS
-            and student.dtype in FLOAT_DTYPES and teacher.dtype in FLOAT_DTYPES and student.dim() == 2
-            and student.shape == teacher.shape and 1 <= student.shape[1] <= INT32_MAX
-            and student.shape[0] < INT32_MAX and student.device == teacher.device)
+    return (
+        type(student) is torch.Tensor
+        and type(teacher) is torch.Tensor
+        and mask is None
+        and type(temperature) is float
+        and 0.0 < temperature < math.inf
+        and reduction in REDUCTIONS
+        and student.dtype in FLOAT_DTYPES
+        and teacher.dtype in FLOAT_DTYPES
+        and student.dim() == 2
+        and student.shape == teacher.shape
+        and 1 <= student.shape[1] <= INT32_MAX
+        and student.shape[0] < INT32_MAX
+        and student.device == teacher.device
+    )
 
 
 def check_kd_options(n_rows, temperature, mask, reduction):
@@ -139,8 +158,19 @@ def check_kd_options(n_rows, temperature, mask, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
-                         teacher_weight, teacher_bias, temperature, mask, reduction, chunk_size):
+def check_kd_loss_linear(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_logits,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    temperature,
+    mask,
+    reduction,
+    chunk_size,
+):
     tensor("student_hidden", student_hidden, ndim=2, dtypes=FLOAT_DTYPES)
     n, h = student_hidden.shape
     linear("student", student_weight, student_bias, student_hidden.dtype, h)
@@ -156,13 +186,24 @@ def check_kd_loss_linear(student_hidden, student_weight, student_bias, teacher_l
             raise ValueError("teacher_hidden and teacher_weight must be given together")
         tensor("teacher_hidden", teacher_hidden, ndim=2, dtypes=FLOAT_DTYPES)
         if teacher_hidden.shape[0] != n:
-            raise ValueError(f"teacher_hidden must have N={n} rows like student_hidden, got {tuple(teacher_hidden.shape)}")
+            raise ValueError(
+                f"teacher_hidden must have N={n} rows like student_hidden, got {tuple(teacher_hidden.shape)}"
+            )
         linear("teacher", teacher_weight, teacher_bias, teacher_hidden.dtype, teacher_hidden.shape[1])
         if teacher_weight.shape[0] != vocab:
-            raise ValueError(f"teacher_weight must have V={vocab} rows like student_weight, got {tuple(teacher_weight.shape)}")
-    same_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
-                teacher_logits=teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                teacher_bias=teacher_bias, mask=mask)
+            raise ValueError(
+                f"teacher_weight must have V={vocab} rows like student_weight, got {tuple(teacher_weight.shape)}"
+            )
+    same_device(
+        student_hidden=student_hidden,
+        student_weight=student_weight,
+        student_bias=student_bias,
+        teacher_logits=teacher_logits,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        mask=mask,
+    )
     if vocab < 1:
         raise ValueError("student_weight must have V >= 1 rows (classes)")
     at_most("N", n, INT32_MAX - 1)
@@ -176,7 +217,9 @@ def linear(who: str, weight, bias, dtype, in_features: int):
     """A linear layer's weight [V, in_features] and optional bias [V], in the hidden states' dtype."""
     tensor(f"{who}_weight", weight, ndim=2, dtypes=(dtype,))
     if weight.shape[1] != in_features:
-        raise ValueError(f"{who}_weight must have shape [V, {in_features}] to match {who}_hidden, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"{who}_weight must have shape [V, {in_features}] to match {who}_hidden, got {tuple(weight.shape)}"
+        )
     if bias is not None:
         tensor(f"{who}_bias", bias, ndim=1, dtypes=(dtype,))
         if bias.shape[0] != weight.shape[0]:
@@ -198,8 +241,13 @@ def check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2,
     for name, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if not t.is_contiguous():
             raise ValueError(f"{name} is updated in place and must be contiguous")
-    for name, value, low, high in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0),
-                                   ("eps", eps, 0.0, math.inf), ("weight_decay", weight_decay, 0.0, math.inf)):
+    for name, value, low, high in (
+        ("lr", lr, 0.0, math.inf),
+        ("beta1", beta1, 0.0, 1.0),
+        ("beta2", beta2, 0.0, 1.0),
+        ("eps", eps, 0.0, math.inf),
+        ("weight_decay", weight_decay, 0.0, math.inf),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value < high):
             raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not (1 <= step < math.inf):
@@ -208,5 +256,7 @@ def check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2,
         # One pass over U ints: what makes the rows independent (and the update defined) is that they are distinct.
         lo, hi = int(rows[0]), int(rows[-1])
         if lo < 0 or hi >= param.shape[0] or (rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all())):
-            raise ValueError(f"rows must be strictly increasing values in [0, R={param.shape[0]}) (a coalesced "
-                             f"sparse gradient's), got values from {lo} to {hi}")
+            raise ValueError(
+                f"rows must be strictly increasing values in [0, R={param.shape[0]}) (a coalesced "
+                f"sparse gradient's), got values from {lo} to {hi}"
+            )

@@ -7,6 +7,7 @@ scaled in place and handed on as the student's gradient. Tracers (FakeTensor, Fu
 subclasses) get the out-of-place form, which AOT autograd can partition; their compiled graphs manage memory
 themselves. The buffer is consumed: a second backward through the same graph must fail, never scale twice.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ then registers fake (meta) kernels and autograd so the ops work under torch.comp
 torch.library.opcheck. It exposes the backend interface used by keydistill.ops: nearest_key,
 ema_update_, kd_loss_rows. The dispatcher picks the CPU or CUDA kernel from the tensors' device.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ CPU_ONLY_OPS = ("sparse_adamw_",)  # CPU kernels only: on CUDA the torch backend
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """False also for an op this _C does not declare (a build older than the Python code: rebuild)."""
-    return hasattr(torch.ops.keydistill, op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"keydistill::{op}", dispatch_key)
+    return hasattr(torch.ops.keydistill, op) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"keydistill::{op}", dispatch_key
+    )
 
 
 def has_cpu_kernels() -> bool:
@@ -56,6 +59,7 @@ def _kd_loss_fake(student, teacher, temperature, mask, reduction):
 
 
 if hasattr(torch.ops.keydistill, "sparse_adamw_"):  # else an older build: has_cpu_kernels() says rebuild
+
     @torch.library.register_fake("keydistill::sparse_adamw_")
     def _sparse_adamw_fake(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize):
         return None
@@ -93,8 +97,9 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, determinist
 
 
 def sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize):
-    torch.ops.keydistill.sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay,
-                                       step, maximize)
+    torch.ops.keydistill.sparse_adamw_(
+        param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize
+    )
 
 
 def kd_loss(student, teacher, temperature, mask, reduction):

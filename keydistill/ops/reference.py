@@ -4,6 +4,7 @@ These are first-class code, not an afterthought: they are the `torch` backend (t
 everywhere) and, evaluated in float64, the oracle every compiled kernel is tested against.
 Inputs are assumed validated by `keydistill.ops._checks`.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,13 +38,13 @@ def nearest_key(x: torch.Tensor, keys: torch.Tensor, *, chunk_bytes: int = NEARE
     elem = torch.finfo(compute).bits // 8
     chunk = max(1, min(n, chunk_bytes // max(1, h * k * elem)))
     for start in range(0, n, chunk):
-        xc = x[start:start + chunk].to(compute).transpose(0, 1)  # [H, c, d]
+        xc = x[start : start + chunk].to(compute).transpose(0, 1)  # [H, c, d]
         # scores[h, c, k] = ||k||^2 - 2 x.k  (||x||^2 is constant per row, so it does not change the argmin)
         scores = torch.baddbmm(key_sq.unsqueeze(1), xc, keys_c.transpose(1, 2), alpha=-2.0)
         idx = scores.argmin(-1)  # first minimum: ties go to the lowest k
         chosen = torch.gather(keys_c, 1, idx.unsqueeze(-1).expand(-1, -1, d))  # [H, c, d]
-        index[start:start + chunk] = idx.transpose(0, 1)
-        sqdist[start:start + chunk] = (xc - chosen).pow(2).sum(-1).transpose(0, 1).to(sqdist.dtype)
+        index[start : start + chunk] = idx.transpose(0, 1)
+        sqdist[start : start + chunk] = (xc - chosen).pow(2).sum(-1).transpose(0, 1).to(sqdist.dtype)
     return index, sqdist
 
 
@@ -144,6 +145,7 @@ def kd_loss(student_logits, teacher_logits, *, temperature: float = 1.0, mask=No
 
 # ---- kd_loss_linear: vocabulary-level distillation without the full [N, V] student logits ----------------
 
+
 def kd_loss_linear_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
     """Default rows per chunk: a chunk of logits holds about as many elements as the hidden states [N, h]
     (Liger-Kernel's fused-linear-cross-entropy rule), rounded up to a power of two."""
@@ -152,10 +154,21 @@ def kd_loss_linear_chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-def kd_loss_linear(student_hidden, student_weight, teacher_logits=None, *, temperature: float = 1.0,
-                   student_bias=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None, mask=None,
-                   reduction: str = "batchmean", chunk_size: int | None = None,
-                   kd_rows=kd_loss_rows):
+def kd_loss_linear(
+    student_hidden,
+    student_weight,
+    teacher_logits=None,
+    *,
+    temperature: float = 1.0,
+    student_bias=None,
+    teacher_hidden=None,
+    teacher_weight=None,
+    teacher_bias=None,
+    mask=None,
+    reduction: str = "batchmean",
+    chunk_size: int | None = None,
+    kd_rows=kd_loss_rows,
+):
     """kd_loss(student_hidden @ student_weight.T + student_bias, teacher logits), computed chunk by chunk.
 
     The teacher is teacher_logits [N, V], or teacher_hidden @ teacher_weight.T + teacher_bias (also chunked).
@@ -173,6 +186,7 @@ def kd_loss_linear(student_hidden, student_weight, teacher_logits=None, *, tempe
 
         def teacher(rows):
             return torch.nn.functional.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+
     n, h = student_hidden.shape
     chunk = chunk_size or kd_loss_linear_chunk_rows(n, student_weight.shape[0], h)
     spec = _LinearKDSpec(teacher, float(temperature), mask, reduction, chunk, kd_rows)
@@ -204,7 +218,9 @@ class _ChunkedLinearKD(torch.autograd.Function):
         included = hidden.shape[0] if spec.mask is None else int(spec.mask.sum())
         scale = 1.0 / max(included, 1) if spec.reduction == "batchmean" else 1.0
         wants_grad = any(ctx.needs_input_grad[:3])
-        row_scale = torch.full((hidden.shape[0],), scale, dtype=torch.float32, device=hidden.device) if wants_grad else None
+        row_scale = (
+            torch.full((hidden.shape[0],), scale, dtype=torch.float32, device=hidden.device) if wants_grad else None
+        )
         rows, grads = _sweep(hidden, weight, bias, spec, row_scale)
         ctx.save_for_backward(*grads)
         return reduce_rows(rows, spec.mask, spec.reduction)
@@ -216,7 +232,9 @@ class _ChunkedLinearKD(torch.autograd.Function):
             _, grads = _sweep(hidden, weight, bias, ctx.spec, row_scale=grad_out.float())
             return (*grads, None)
         if ctx.used:  # the saved gradients were scaled in place by the first backward
-            raise RuntimeError("kd_loss_linear: backward through the same graph twice is not supported; recompute the loss")
+            raise RuntimeError(
+                "kd_loss_linear: backward through the same graph twice is not supported; recompute the loss"
+            )
         ctx.used = True
         grads = tuple(g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in ctx.saved_tensors)
         return (*grads, None)
@@ -235,7 +253,9 @@ def _sweep(hidden, weight, bias, spec, row_scale):
             row_scale = torch.where(mask, row_scale, row_scale.new_zeros(()))
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         grad_weight = torch.zeros_like(weight)
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        grad_bias = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        )
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         logits = torch.nn.functional.linear(hidden[part], weight, bias)
@@ -260,8 +280,22 @@ def _sweep(hidden, weight, bias, spec, row_scale):
 
 # ---- sparse_adamw_: AdamW on the rows a row-sparse gradient touches ----------------------------------------
 
-def sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, *, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, step: float, maximize: bool = False) -> None:
+
+def sparse_adamw_(
+    param,
+    exp_avg,
+    exp_avg_sq,
+    rows,
+    grad,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: float,
+    maximize: bool = False,
+) -> None:
     """torch.optim.AdamW's update (single-tensor form, term by term) of the rows `rows` of param, exp_avg and
     exp_avg_sq [R, D], from grad [U, D], the gradient of those rows; all other rows stay as they are.
     rows: int64 [U], strictly increasing. step: the step count the bias correction uses (>= 1)."""

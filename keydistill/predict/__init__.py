@@ -11,6 +11,7 @@ model; with return_key_indices=True also the key each bottleneck head chose.
 
 The command line (keydistill.predict.cli) reads its input files with keydistill.predict.inputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,15 +45,17 @@ class Predictor:
         # them there is no position embedding, so a longer max_length could only fail in the forward.
         limit = model.config.max_position_embeddings
         if max_length is not None and not 1 <= max_length <= limit:
-            raise ValueError(f"max_length must be between 1 and the model's max_position_embeddings ({limit}), "
-                             f"got {max_length}")
+            raise ValueError(
+                f"max_length must be between 1 and the model's max_position_embeddings ({limit}), got {max_length}"
+            )
         if max_length is None:
             max_length = min(limit, getattr(tokenizer, "model_max_length", None) or limit)
         self.max_length = max_length
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, device: str | torch.device | None = None,
-                        max_length: int | None = None) -> "Predictor":
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, device: str | torch.device | None = None, max_length: int | None = None
+    ) -> "Predictor":
         """The model and tokenizer saved in `folder`, on `device` (default: cuda when available, else cpu).
         ValueError for a device that does not exist here, OSError for a folder without tokenizer files."""
         from transformers import AutoTokenizer
@@ -69,8 +72,9 @@ class Predictor:
             raise ValueError(f"device {str(device)!r}: {e}") from None
         return cls(model, AutoTokenizer.from_pretrained(str(folder)), max_length=max_length)
 
-    def predict(self, inputs: Text | Iterable[Text], *, batch_size: int = 32,
-                return_key_indices: bool = False) -> list[Prediction]:
+    def predict(
+        self, inputs: Text | Iterable[Text], *, batch_size: int = 32, return_key_indices: bool = False
+    ) -> list[Prediction]:
         """One Prediction per input, in input order. inputs: a text, or an iterable of texts and
         (first, second) pairs, which may be mixed."""
         texts = [_as_texts(item, i) for i, item in enumerate([inputs] if isinstance(inputs, str) else inputs)]
@@ -85,7 +89,7 @@ class Predictor:
             encoded = self.tokenizer(*columns, truncation=True, max_length=self.max_length)
             order = sorted(range(len(where)), key=lambda j: len(encoded["input_ids"][j]))
             for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
+                chunk = order[start : start + batch_size]
                 batch = self._padded(encoded, chunk)
                 for j, prediction in zip(chunk, self._predict_batch(batch, return_key_indices)):
                     results[where[j]] = prediction
@@ -94,12 +98,16 @@ class Predictor:
     def _padded(self, encoded, rows: list[int]) -> dict[str, torch.Tensor]:
         """The rows' token ids padded on the right to their longest, with attention mask and token types."""
         ids = [encoded["input_ids"][j] for j in rows]
-        types = [encoded["token_type_ids"][j] for j in rows] if "token_type_ids" in encoded else [[0] * len(x) for x in ids]
+        types = (
+            [encoded["token_type_ids"][j] for j in rows] if "token_type_ids" in encoded else [[0] * len(x) for x in ids]
+        )
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id or 0
-        return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-                "token_type_ids": torch.tensor([t + [0] * (width - len(t)) for t in types])}
+        return {
+            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "token_type_ids": torch.tensor([t + [0] * (width - len(t)) for t in types]),
+        }
 
     @torch.inference_mode()
     def _predict_batch(self, batch: dict[str, torch.Tensor], with_keys: bool) -> list[Prediction]:

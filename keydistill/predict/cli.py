@@ -6,6 +6,7 @@ no line is ever dropped. A labelled GLUE file is scored only when the model's la
 model's class ids mean nothing under another task's labels). Every mistake a user can make is one line
 `error: ...` and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,9 @@ import sys
 import torch
 
 from keydistill.data import TASKS, DataError, compute_metrics
+from keydistill.devices import check_device
 from keydistill.models import KeyBottleneckClassifier
 from keydistill.models.classifiers import read_checkpoint_config
-from keydistill.devices import check_device
 from keydistill.predict import Prediction, Predictor
 from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
 
@@ -36,16 +37,29 @@ def write_predictions(out, rows: InputRows, predictions: list[Prediction], regre
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m keydistill.predict", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m keydistill.predict",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
-    parser.add_argument("--input", default="-", help="one text or tab-separated pair per line, or a GLUE TSV file; - is stdin")
+    parser.add_argument(
+        "--input", default="-", help="one text or tab-separated pair per line, or a GLUE TSV file; - is stdin"
+    )
     parser.add_argument("--output", default="-", help="where the TSV of predictions goes; - is stdout")
-    parser.add_argument("--format", default="auto", choices=("auto", "plain", "glue"),
-                        help="auto: a first line naming a GLUE task's text columns makes a GLUE file, else plain lines")
-    parser.add_argument("--task", choices=tuple(TASKS), help="read the input as this GLUE task's TSV file (its columns)")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "plain", "glue"),
+        help="auto: a first line naming a GLUE task's text columns makes a GLUE file, else plain lines",
+    )
+    parser.add_argument(
+        "--task", choices=tuple(TASKS), help="read the input as this GLUE task's TSV file (its columns)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per example after truncation; default: the model's limit")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per example after truncation; default: the model's limit"
+    )
     parser.add_argument("--keys", action="store_true", help="add the key index each bottleneck head chose")
     parser.add_argument("--device", default=None, help="cpu, cuda, ...; default: cuda when available")
     return parser
@@ -75,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_length is not None:
         limit = predictor.model.config.max_position_embeddings
         if args.max_length > limit:
-            return fail(f"--max-length {args.max_length} is over the {limit} positions of {args.model} "
-                         "(its max_position_embeddings)")
+            return fail(
+                f"--max-length {args.max_length} is over the {limit} positions of {args.model} "
+                "(its max_position_embeddings)"
+            )
         predictor.max_length = args.max_length
     predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.keys)
     regression = predictor.model.is_regression
@@ -112,8 +128,10 @@ def _report_metrics(rows: InputRows, predictions: list[Prediction], model: KeyBo
         return
     guesses = [p.score if model.is_regression else p.label_id for p in predictions]
     metrics = compute_metrics(task, _array(guesses), _array(rows.labels))
-    print(f"{task.name} on {len(guesses)} labelled rows: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
-          file=sys.stderr)
+    print(
+        f"{task.name} on {len(guesses)} labelled rows: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+        file=sys.stderr,
+    )
 
 
 def _saved_label_names(folder: str) -> list[str] | None:
@@ -147,6 +165,7 @@ def _closed_stdout() -> int:
 
 def _array(values):
     import numpy as np
+
     return np.asarray(values)
 
 

@@ -1,6 +1,7 @@
 """What `python -m keydistill.predict` reads: one text, or a tab-separated pair, per line, or a GLUE TSV file
 by its task's columns (told apart by its header, and by the model's label names where tasks share one). A
 bad input line is an error naming file:line; no line is ever dropped."""
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,9 @@ def read_plain(path: str, name: str) -> InputRows:
                 continue
             fields = text.split("\t")
             if len(fields) > 2:
-                errors.append(f"{name}:{number}: expected one text or two tab-separated texts, found {len(fields)} fields")
+                errors.append(
+                    f"{name}:{number}: expected one text or two tab-separated texts, found {len(fields)} fields"
+                )
             elif not all(field.strip() for field in fields):
                 errors.append(f"{name}:{number}: empty text" + (" (an empty line)" if not text.strip() else ""))
             else:
@@ -42,7 +45,9 @@ def read_plain(path: str, name: str) -> InputRows:
                 lines.append(number)
     if errors:
         more = len(errors) - MAX_REPORTED_ERRORS
-        raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS] + ([f"... and {more} more bad lines"] if more > 0 else [])))
+        raise DataError(
+            "\n".join(errors[:MAX_REPORTED_ERRORS] + ([f"... and {more} more bad lines"] if more > 0 else []))
+        )
     if not rows:
         raise DataError(f"{name}: no input lines")
     return InputRows(rows, lines)
@@ -84,12 +89,17 @@ def read_glue(task: GlueTask, path: str, labelled: bool) -> InputRows:
     # predict has no --skip-bad-rows: the error does not suggest it
     examples = read_glue_tsv(task, path, _RowErrors(skip=False, hint=""), labelled=labelled)
     first = 1 if task.headerless_columns is not None else 2  # read_glue_tsv keeps every data line, or raises
-    return InputRows([e.texts for e in examples], list(range(first, first + len(examples))),
-                     [e.label for e in examples] if labelled else None, task)
+    return InputRows(
+        [e.texts for e in examples],
+        list(range(first, first + len(examples))),
+        [e.label for e in examples] if labelled else None,
+        task,
+    )
 
 
-def read_inputs(source: str, task_name: str | None = None, fmt: str = "auto",
-                label_names: Sequence[str] | None = None) -> InputRows:
+def read_inputs(
+    source: str, task_name: str | None = None, fmt: str = "auto", label_names: Sequence[str] | None = None
+) -> InputRows:
     """Rows to predict from a file, or "-" for stdin, in the given format (auto, plain or glue).
     label_names (the model's) tell apart the GLUE tasks that share a header (detect_task)."""
     if source != "-":
@@ -105,8 +115,9 @@ def read_inputs(source: str, task_name: str | None = None, fmt: str = "auto",
             raise DataError(str(e).replace(tmp.name, "<stdin>")) from None
 
 
-def _read_file(path: str, name: str, task_name: str | None, fmt: str,
-               label_names: Sequence[str] | None = None) -> InputRows:
+def _read_file(
+    path: str, name: str, task_name: str | None, fmt: str, label_names: Sequence[str] | None = None
+) -> InputRows:
     with open(path, "rb") as f:
         first = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n").split("\t")
     if task_name is not None:
@@ -118,8 +129,9 @@ def _read_file(path: str, name: str, task_name: str | None, fmt: str,
         if fmt == "glue":
             raise DataError(f"{name}:1: the header names no GLUE task's text columns; pass --task (got {first})")
         return read_plain(path, name)
-    print(f"reading {name} as {_described(task, labelled, first)}; --format plain reads it line by line",
-          file=sys.stderr)
+    print(
+        f"reading {name} as {_described(task, labelled, first)}; --format plain reads it line by line", file=sys.stderr
+    )
     return read_glue(task, path, labelled)
 
 
@@ -133,6 +145,7 @@ def _described(task: GlueTask, labelled: bool, header: list[str]) -> str:
     if len(sharing) == 1:
         return f"a GLUE {task.name} file (columns {columns}, no labels)"
     candidates = [t.name for t in sharing if t.label_column in header]
-    labels = (f"labels not read: the header fits {' and '.join(candidates)}, --task says which" if candidates
-              else "no labels")
+    labels = (
+        f"labels not read: the header fits {' and '.join(candidates)}, --task says which" if candidates else "no labels"
+    )
     return f"a GLUE file by its columns {columns} (those of {', '.join(t.name for t in sharing)}; {labels})"

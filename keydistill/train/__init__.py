@@ -23,8 +23,18 @@ features (batches, cached encoder outputs), loop (the shared training loop), ave
 teacher, student, targets (the student's transfer set and the teacher's targets on it), evaluate,
 job (the whole run and the command-line wrapper).
 """
+
 from keydistill.train.config import ConfigError, RunError, TrainConfig, build_parser, parse_config, validate
 from keydistill.train.job import main, run_all, run_cli
 
-__all__ = ["TrainConfig", "build_parser", "parse_config", "validate", "run_all", "run_cli", "main",
-           "RunError", "ConfigError"]
+__all__ = [
+    "TrainConfig",
+    "build_parser",
+    "parse_config",
+    "validate",
+    "run_all",
+    "run_cli",
+    "main",
+    "RunError",
+    "ConfigError",
+]

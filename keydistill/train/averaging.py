@@ -5,6 +5,7 @@ score the best epoch is picked by; their average over the last few hundred steps
 far less. Training itself is unchanged: the optimizer steps the trained weights, and the average follows
 them after every step.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

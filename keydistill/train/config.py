@@ -1,5 +1,6 @@
 """The training job's settings: one typed dataclass (each field's comment is its --help text), the command
 line built from it, and the checks that reject impossible settings before any work starts."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,31 +66,50 @@ class TrainConfig:
     # ---- data ----
     task: str = option("sst2", "GLUE task", tuple(TASKS))
     data_dir: str | None = option(None, "folder in the GLUE TSV layout (e.g. ../shared/data/glue); none: the hub")
-    val_size: int | None = option(None, "rows held out of train (seeded) as the validation split; none: 10%% of "
-                                        "train, at least 100 and at most 1000")
+    val_size: int | None = option(
+        None,
+        "rows held out of train (seeded) as the validation split; none: 10%% of train, at least 100 and at most 1000",
+    )
     max_train_samples: int | None = option(40000, "cap on training rows (after the validation slice); none: all")
     max_eval_samples: int | None = option(None, "cap on validation and test rows; none: all")
     max_length: int = option(64, "tokens per example after truncation")
     skip_bad_rows: bool = option(False, "drop malformed data rows (their count is reported) instead of failing")
     # ---- models ----
-    teacher: str = option(packaged_minilm() or "bert-base-uncased",
-                          "teacher encoder: hub name or local folder (default: the packaged MiniLM-L6 when installed)")
-    teacher_checkpoint: str | None = option(None, "a trained teacher (a teacher/ folder of an earlier run): skip its "
-                                                  "training; its bottleneck and tokenizer are used")
+    teacher: str = option(
+        packaged_minilm() or "bert-base-uncased",
+        "teacher encoder: hub name or local folder (default: the packaged MiniLM-L6 when installed)",
+    )
+    teacher_checkpoint: str | None = option(
+        None,
+        "a trained teacher (a teacher/ folder of an earlier run): skip its "
+        "training; its bottleneck and tokenizer are used",
+    )
     tokenizer: str | None = option(None, "tokenizer (hub name or folder); none: the teacher's")
-    teacher_encoder: str = option("finetune", "finetune: train the encoder with a plain head first; frozen: DKVB recipe",
-                                  ("finetune", "frozen"))
-    keys: str = option("carry", "student keys: the teacher's, fresh k-means on its own outputs, or no bottleneck",
-                       ("carry", "fresh", "none"))
-    student_layers: str | None = option(None, "teacher layers copied into the student, e.g. 0,2,4; none: every other "
-                                              "layer ending at the top one (1,3,5 of 6)")
+    teacher_encoder: str = option(
+        "finetune", "finetune: train the encoder with a plain head first; frozen: DKVB recipe", ("finetune", "frozen")
+    )
+    keys: str = option(
+        "carry",
+        "student keys: the teacher's, fresh k-means on its own outputs, or no bottleneck",
+        ("carry", "fresh", "none"),
+    )
+    student_layers: str | None = option(
+        None,
+        "teacher layers copied into the student, e.g. 0,2,4; none: every other "
+        "layer ending at the top one (1,3,5 of 6)",
+    )
     bottleneck: str = option("default", "bottleneck preset of a new teacher", tuple(BOTTLENECK_PRESETS))
     num_heads: int | None = option(None, "bottleneck heads (codebooks); none: the preset's or the loaded teacher's (8)")
     num_keys: int | None = option(None, "keys per codebook; none: the preset's or the loaded teacher's (256)")
-    pooling: str | None = option(None, "what the bottleneck quantises: the first token, or every token then averaged; "
-                                       "none: the preset's or the loaded teacher's (cls)", POOLINGS)
-    projection: str | None = option(None, "how encoder outputs map to heads; none: the preset's or the loaded "
-                                          "teacher's (split)", PROJECTIONS)
+    pooling: str | None = option(
+        None,
+        "what the bottleneck quantises: the first token, or every token then averaged; "
+        "none: the preset's or the loaded teacher's (cls)",
+        POOLINGS,
+    )
+    projection: str | None = option(
+        None, "how encoder outputs map to heads; none: the preset's or the loaded teacher's (split)", PROJECTIONS
+    )
     kmeans_samples: int = option(8192, "encoder outputs used by each k-means key initialisation")
     # ---- teacher training ----
     teacher_epochs: int = option(1, "epochs of encoder fine-tuning with a plain head (finetune mode)")
@@ -103,27 +123,54 @@ class TrainConfig:
     alpha: float = option(0.5, "share of the soft (teacher) loss against the hard-label loss, in [0, 1]")
     temperature: float = option(2.0, "distillation softmax temperature")
     feature_weight: float = option(1.0, "weight of the MSE toward the teacher's sentence features")
-    hidden_weight: float = option(0.0, "weight of the MSE between each student layer's output and its teacher "
-                                       "layer's, over every token (the teacher's layer outputs are computed once, before training)")
-    attention_weight: float = option(0.0, "weight of the KL between each student layer's attention distributions and "
-                                          "its teacher layer's, per head over real tokens (MiniLM's attention "
-                                          "transfer; the teacher's are computed once, before training)")
-    value_relation_weight: float = option(0.0, "weight of the same KL for the layers' value relations, "
-                                               "softmax(V V^T / sqrt(d)) per head (MiniLM's other term)")
-    commitment_weight: float = option(0.0, "weight of the student's commitment loss toward its assigned keys (off by "
-                                           "default: measured on SST-2 it adds nothing beside the feature loss, and "
-                                           "alone it collapses the student)")
-    soft_temperature: float | None = option(None, "soft assignment in training: values mixed by softmax(-dist/tau) "
-                                                  "so the soft and task losses reach the encoder; none: hard lookup")
-    straight_through: bool = option(False, "with --soft-temperature: the forward pass stays the hard lookup, the "
-                                           "backward pass takes the soft assignment's gradient")
-    augment: int = option(0, "perturbed copies of each training example added to the student's transfer set, "
-                             "labelled by the teacher (keydistill.augment); 0: the training rows only")
-    weight_average: float = option(0.0, "validate and keep an exponential moving average of the student's weights, "
-                                        "with this decay per optimizer step (e.g. 0.995: about the last 200 steps; "
-                                        "keydistill.train.averaging); 0: the trained weights")
-    student_ema: bool = option(False, "let the student's keys follow its outputs by EMA; off keeps the carried "
-                                      "(or fresh) keys fixed as the target the encoder learns to hit")
+    hidden_weight: float = option(
+        0.0,
+        "weight of the MSE between each student layer's output and its teacher "
+        "layer's, over every token (the teacher's layer outputs are computed once, before training)",
+    )
+    attention_weight: float = option(
+        0.0,
+        "weight of the KL between each student layer's attention distributions and "
+        "its teacher layer's, per head over real tokens (MiniLM's attention "
+        "transfer; the teacher's are computed once, before training)",
+    )
+    value_relation_weight: float = option(
+        0.0,
+        "weight of the same KL for the layers' value relations, "
+        "softmax(V V^T / sqrt(d)) per head (MiniLM's other term)",
+    )
+    commitment_weight: float = option(
+        0.0,
+        "weight of the student's commitment loss toward its assigned keys (off by "
+        "default: measured on SST-2 it adds nothing beside the feature loss, and "
+        "alone it collapses the student)",
+    )
+    soft_temperature: float | None = option(
+        None,
+        "soft assignment in training: values mixed by softmax(-dist/tau) "
+        "so the soft and task losses reach the encoder; none: hard lookup",
+    )
+    straight_through: bool = option(
+        False,
+        "with --soft-temperature: the forward pass stays the hard lookup, the "
+        "backward pass takes the soft assignment's gradient",
+    )
+    augment: int = option(
+        0,
+        "perturbed copies of each training example added to the student's transfer set, "
+        "labelled by the teacher (keydistill.augment); 0: the training rows only",
+    )
+    weight_average: float = option(
+        0.0,
+        "validate and keep an exponential moving average of the student's weights, "
+        "with this decay per optimizer step (e.g. 0.995: about the last 200 steps; "
+        "keydistill.train.averaging); 0: the trained weights",
+    )
+    student_ema: bool = option(
+        False,
+        "let the student's keys follow its outputs by EMA; off keeps the carried "
+        "(or fresh) keys fixed as the target the encoder learns to hit",
+    )
     # ---- optimisation (all stages) ----
     batch_size: int = option(32, "examples per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -138,15 +185,21 @@ class TrainConfig:
     seed: int = option(0, "seed of data split, order, initialisation and dropout")
     output_dir: str = option("runs/{task}", "where outputs go ({task} is filled in)")
     resume: bool = option(False, "continue an interrupted run in --output-dir from its latest checkpoint")
-    checkpoint_every: int = option(0, "also write a resumable checkpoint every N optimizer steps inside an epoch "
-                                      "(0: by --checkpoint-seconds only)")
-    checkpoint_seconds: float = option(60.0, "write a resumable checkpoint inside an epoch once this many seconds have "
-                                             "passed since the last (0: by --checkpoint-every only; both 0: at epoch "
-                                             "ends only)")
+    checkpoint_every: int = option(
+        0, "also write a resumable checkpoint every N optimizer steps inside an epoch (0: by --checkpoint-seconds only)"
+    )
+    checkpoint_seconds: float = option(
+        60.0,
+        "write a resumable checkpoint inside an epoch once this many seconds have "
+        "passed since the last (0: by --checkpoint-every only; both 0: at epoch "
+        "ends only)",
+    )
     eval_every: int = option(0, "extra validation every N optimizer steps (0: once per epoch)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (under torchrun: each rank its local GPU, or the CPU)")
-    dist_timeout: float = option(600.0, "under torchrun: seconds a collective waits for the other ranks before the "
-                                        "run fails with an error naming it")
+    dist_timeout: float = option(
+        600.0,
+        "under torchrun: seconds a collective waits for the other ranks before the run fails with an error naming it",
+    )
 
     @property
     def out(self) -> Path:
@@ -173,13 +226,19 @@ class TrainConfig:
 
     def student_training(self) -> dict:
         """The bottleneck settings that shape how the student learns, set on top of the teacher's bottleneck."""
-        return {"commitment_weight": self.commitment_weight, "soft_temperature": self.soft_temperature,
-                "straight_through": self.straight_through}
+        return {
+            "commitment_weight": self.commitment_weight,
+            "soft_temperature": self.soft_temperature,
+            "straight_through": self.straight_through,
+        }
 
     def layer_weights(self) -> dict[str, float]:
         """The weights of the layer-matching terms (keydistill.train.targets.LayerMatch), by term name."""
-        return {"hidden": self.hidden_weight, "attention": self.attention_weight,
-                "value_relation": self.value_relation_weight}
+        return {
+            "hidden": self.hidden_weight,
+            "attention": self.attention_weight,
+            "value_relation": self.value_relation_weight,
+        }
 
     def layers(self, teacher_layers: int) -> list[int]:
         """The teacher layers the student copies: --student-layers, or the library's default (every other
@@ -199,27 +258,35 @@ def changed_settings(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
     config.json, those in CONDUCT aside. A setting added after that run was written counts as unchanged at its
     default (the default keeps the behaviour the run had)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-            if k not in CONDUCT and saved.get(k, defaults[k]) != v}
+    return {
+        k: (saved.get(k), v)
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in CONDUCT and saved.get(k, defaults[k]) != v
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line: one flag per config field
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _optional(kind):
     def parse(text: str):
         return None if text.lower() == "none" else kind(text)
+
     parse.__name__ = kind.__name__
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m keydistill.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     epilog="Each task runs with its recipe (keydistill.data.TASKS) on top of these "
-                                            "defaults, e.g. --task rte: --max-length 128 --max-train-samples none "
-                                            "--teacher-epochs 2 --epochs 2 --hidden-weight 5; a flag overrides its recipe value.")
+    parser = argparse.ArgumentParser(
+        prog="python -m keydistill.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Each task runs with its recipe (keydistill.data.TASKS) on top of these "
+        "defaults, e.g. --task rte: --max-length 128 --max-train-samples none "
+        "--teacher-epochs 2 --epochs 2 --hidden-weight 5; a flag overrides its recipe value.",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = flag_of(f.name)
@@ -256,8 +323,11 @@ def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser 
         settings["straight_through"] = False  # a recipe's straight-through rides on the soft assignment it sets
     unused = [f for f in TEACHER_TRAINING if f in explicit] if settings["teacher_checkpoint"] else []
     if unused:  # harmless, but a user who gave them believes they act
-        print(f"note: --teacher-checkpoint loads a trained teacher, so {', '.join(flag_of(f) for f in unused)} "
-              "do nothing", file=sys.stderr)
+        print(
+            f"note: --teacher-checkpoint loads a trained teacher, so {', '.join(flag_of(f) for f in unused)} "
+            "do nothing",
+            file=sys.stderr,
+        )
     return TrainConfig(**settings)
 
 
@@ -274,6 +344,7 @@ def flag_of(name: str) -> str:
 # Validation: every setting that cannot work, found before any work starts
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _at_least(cfg: TrainConfig, low: int, *names: str, allow_none: bool = False) -> list[str]:
     problems = []
     for name in names:
@@ -286,13 +357,19 @@ def _at_least(cfg: TrainConfig, low: int, *names: str, allow_none: bool = False)
 
 
 def _positive_finite(cfg: TrainConfig, *names: str) -> list[str]:
-    return [f"{flag_of(n)} must be a finite number > 0, got {getattr(cfg, n)}" for n in names
-            if not (math.isfinite(getattr(cfg, n)) and getattr(cfg, n) > 0)]
+    return [
+        f"{flag_of(n)} must be a finite number > 0, got {getattr(cfg, n)}"
+        for n in names
+        if not (math.isfinite(getattr(cfg, n)) and getattr(cfg, n) > 0)
+    ]
 
 
 def _non_negative(cfg: TrainConfig, *names: str) -> list[str]:
-    return [f"{flag_of(n)} must be a finite number >= 0, got {getattr(cfg, n)}" for n in names
-            if not (math.isfinite(getattr(cfg, n)) and getattr(cfg, n) >= 0)]
+    return [
+        f"{flag_of(n)} must be a finite number >= 0, got {getattr(cfg, n)}"
+        for n in names
+        if not (math.isfinite(getattr(cfg, n)) and getattr(cfg, n) >= 0)
+    ]
 
 
 def config_problems(cfg: TrainConfig) -> list[str]:
@@ -300,13 +377,23 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     once loaded, before any training: see stages.setup)."""
     problems = _at_least(cfg, 1, "epochs", "bottleneck_epochs", "batch_size", "grad_accum", "eval_batch_size")
     problems += _at_least(cfg, 0, "teacher_epochs", "key_passes", "augment", "checkpoint_every", "eval_every", "seed")
-    problems += _at_least(cfg, 1, "val_size", "max_train_samples", "max_eval_samples", "num_heads", "num_keys",
-                          allow_none=True)
+    problems += _at_least(
+        cfg, 1, "val_size", "max_train_samples", "max_eval_samples", "num_heads", "num_keys", allow_none=True
+    )
     problems += _at_least(cfg, 1, "kmeans_samples")
     problems += _at_least(cfg, 2, "max_length")  # room for [CLS] and [SEP]
     problems += _positive_finite(cfg, "lr", "teacher_lr", "bottleneck_lr", "temperature", "dist_timeout")
-    problems += _non_negative(cfg, "weight_decay", "grad_clip", "feature_weight", "hidden_weight",
-                              "attention_weight", "value_relation_weight", "commitment_weight", "checkpoint_seconds")
+    problems += _non_negative(
+        cfg,
+        "weight_decay",
+        "grad_clip",
+        "feature_weight",
+        "hidden_weight",
+        "attention_weight",
+        "value_relation_weight",
+        "commitment_weight",
+        "checkpoint_seconds",
+    )
     if not 0.0 <= cfg.alpha <= 1.0:
         problems.append(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     if not 0.0 <= cfg.weight_average < 1.0:
@@ -338,13 +425,19 @@ def _encoder_gradient_problems(cfg: TrainConfig) -> list[str]:
     """Under the hard lookup the soft and task losses stop at the values (and, for a fair ablation, at a
     key-less student's head too): the encoder then learns only from the feature and commitment losses."""
     layer_terms = any(weight > 0 for weight in cfg.layer_weights().values())
-    if (cfg.soft_temperature is not None or cfg.feature_weight > 0 or layer_terms
-            or (cfg.keys != "none" and cfg.commitment_weight > 0)):
+    if (
+        cfg.soft_temperature is not None
+        or cfg.feature_weight > 0
+        or layer_terms
+        or (cfg.keys != "none" and cfg.commitment_weight > 0)
+    ):
         return []
     paths = "the feature loss" + ("" if cfg.keys == "none" else " and the commitment loss")
-    return [f"the student encoder would get no gradient: with the hard lookup it learns only from {paths}, whose "
-            f"weights are 0 (raise --feature-weight{'' if cfg.keys == 'none' else ' or --commitment-weight'}, or "
-            "give --soft-temperature)"]
+    return [
+        f"the student encoder would get no gradient: with the hard lookup it learns only from {paths}, whose "
+        f"weights are 0 (raise --feature-weight{'' if cfg.keys == 'none' else ' or --commitment-weight'}, or "
+        "give --soft-temperature)"
+    ]
 
 
 def _student_layer_problems(text: str | None) -> list[str]:
@@ -361,6 +454,7 @@ def _student_layer_problems(text: str | None) -> list[str]:
 
 def _device_problems(device: str) -> list[str]:
     from keydistill.devices import check_device
+
     if device == "auto":
         return []
     try:
@@ -374,5 +468,8 @@ def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError listing every problem of the settings (one per line)."""
     problems = config_problems(cfg)
     if problems:
-        raise ConfigError("; ".join(problems) if len(problems) == 1 else
-                          f"{len(problems)} settings cannot work: " + "; ".join(problems))
+        raise ConfigError(
+            "; ".join(problems)
+            if len(problems) == 1
+            else f"{len(problems)} settings cannot work: " + "; ".join(problems)
+        )

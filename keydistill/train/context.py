@@ -4,6 +4,7 @@ Everything a user can get wrong is found here, before the first training step: t
 the data (file:line:column errors), a teacher checkpoint's bottleneck against the flags, and whether k-means
 will see enough vectors for the keys asked for.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,16 @@ from keydistill.data import CustomDataset, GlueTask, get_task, load_task
 from keydistill.models.classifiers import has_tokenizer, is_checkpoint, read_checkpoint_config
 from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
-from keydistill.train.config import (BOTTLENECK_DEFAULTS, BOTTLENECK_PRESETS, ConfigError, RunError, TrainConfig,
-                                     changed_settings, flag_of, validate)
+from keydistill.train.config import (
+    BOTTLENECK_DEFAULTS,
+    BOTTLENECK_PRESETS,
+    ConfigError,
+    RunError,
+    TrainConfig,
+    changed_settings,
+    flag_of,
+    validate,
+)
 from keydistill.train.distributed import Dist
 
 # What a finished or interrupted run leaves in its output folder; a new run (without --resume) replaces it.
@@ -70,11 +79,20 @@ def setup(cfg: TrainConfig) -> Run:
     ranks, device = distributed.init(cfg.device, cfg.dist_timeout)
     if ranks.active:
         distributed.quiet_unless_main(ranks)
-        print(f"data parallel on {ranks.world} ranks: global batch = {cfg.batch_size} per rank x {ranks.world} ranks "
-              f"x {cfg.grad_accum} accumulation = {cfg.batch_size * ranks.world * cfg.grad_accum} examples per step")
+        print(
+            f"data parallel on {ranks.world} ranks: global batch = {cfg.batch_size} per rank x {ranks.world} ranks "
+            f"x {cfg.grad_accum} accumulation = {cfg.batch_size * ranks.world * cfg.grad_accum} examples per step"
+        )
     task = get_task(cfg.task)
-    data = load_task(task, cfg.data_dir, val_size=cfg.val_size, seed=cfg.seed, max_train_samples=cfg.max_train_samples,
-                     max_eval_samples=cfg.max_eval_samples, skip_bad_rows=cfg.skip_bad_rows)
+    data = load_task(
+        task,
+        cfg.data_dir,
+        val_size=cfg.val_size,
+        seed=cfg.seed,
+        max_train_samples=cfg.max_train_samples,
+        max_eval_samples=cfg.max_eval_samples,
+        skip_bad_rows=cfg.skip_bad_rows,
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher.tokenizer)
     except (OSError, ValueError) as e:
@@ -100,22 +118,29 @@ def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> No
     if data.skipped_rows:
         print(f"--skip-bad-rows: skipped {data.skipped_rows} malformed row(s)")
     splits = {"train": train, "val": val, **tests}
-    print(f"{task.name}: " + ", ".join(f"{len(ds)} {name}" for name, ds in splits.items())
-          + f" (val held out of GLUE train{'' if cfg.val_size else ', 10% with floor 100 and cap 1000'}; "
-          f"test is GLUE dev)")
+    print(
+        f"{task.name}: "
+        + ", ".join(f"{len(ds)} {name}" for name, ds in splits.items())
+        + f" (val held out of GLUE train{'' if cfg.val_size else ', 10% with floor 100 and cap 1000'}; "
+        f"test is GLUE dev)"
+    )
     truncated = {name: ds.truncated for name, ds in splits.items() if ds.truncated}
     if truncated:
-        print(f"truncated at --max-length {cfg.max_length}: "
-              + ", ".join(f"{n} of {len(splits[name])} {name}" for name, n in truncated.items()))
+        print(
+            f"truncated at --max-length {cfg.max_length}: "
+            + ", ".join(f"{n} of {len(splits[name])} {name}" for name, n in truncated.items())
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The teacher's bottleneck and tokenizer: a loaded checkpoint is the source of truth
 # ----------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TeacherSource:
     """What the settings' teacher is, known before any work: read from its config only."""
+
     name: str  # the model name or checkpoint folder, for messages
     bottleneck: BottleneckConfig  # its bottleneck: a loaded checkpoint's own, or the settings'
     tokenizer: str  # where its tokenizer comes from
@@ -138,21 +163,33 @@ def resolve_teacher(cfg: TrainConfig) -> TeacherSource:
         raise ConfigError(f"--teacher-checkpoint {folder}: not a keydistill model folder (written by save_pretrained)")
     meta = read_checkpoint_config(folder)
     if meta["model_class"] != "BertWithKeyBottleneck" or meta["bottleneck"] is None:
-        raise ConfigError(f"--teacher-checkpoint {folder}: holds a {meta['model_class']}"
-                          f"{' without a bottleneck' if meta['bottleneck'] is None else ''}, not a BERT teacher with keys")
+        raise ConfigError(
+            f"--teacher-checkpoint {folder}: holds a {meta['model_class']}"
+            f"{' without a bottleneck' if meta['bottleneck'] is None else ''}, not a BERT teacher with keys"
+        )
     encoder = BertConfig.from_dict(meta["encoder_config"])
     check_teacher_fits(cfg, encoder, str(folder))
     saved = BottleneckConfig.from_dict(meta["bottleneck"])
-    conflicts = [f"{flag_of(k)} {getattr(cfg, k)} but the teacher has {getattr(saved, k)}"
-                 for k in BOTTLENECK_DEFAULTS if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(saved, k)]
-    conflicts += [f"--bottleneck {cfg.bottleneck} sets {k}={v} but the teacher has {getattr(saved, k)}"
-                  for k, v in BOTTLENECK_PRESETS[cfg.bottleneck].items() if getattr(saved, k) != v]
+    conflicts = [
+        f"{flag_of(k)} {getattr(cfg, k)} but the teacher has {getattr(saved, k)}"
+        for k in BOTTLENECK_DEFAULTS
+        if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(saved, k)
+    ]
+    conflicts += [
+        f"--bottleneck {cfg.bottleneck} sets {k}={v} but the teacher has {getattr(saved, k)}"
+        for k, v in BOTTLENECK_PRESETS[cfg.bottleneck].items()
+        if getattr(saved, k) != v
+    ]
     if conflicts:
-        raise ConfigError(f"--teacher-checkpoint {folder} is the source of truth for its bottleneck: "
-                          + "; ".join(conflicts) + " (drop the flag to use the teacher's)")
+        raise ConfigError(
+            f"--teacher-checkpoint {folder} is the source of truth for its bottleneck: "
+            + "; ".join(conflicts)
+            + " (drop the flag to use the teacher's)"
+        )
     if not cfg.tokenizer and not has_tokenizer(folder):
-        raise ConfigError(f"--teacher-checkpoint {folder} has no tokenizer (tokenizer_config.json); "
-                          "say which with --tokenizer")
+        raise ConfigError(
+            f"--teacher-checkpoint {folder} has no tokenizer (tokenizer_config.json); say which with --tokenizer"
+        )
     return TeacherSource(str(folder), saved, cfg.tokenizer or str(folder), encoder.max_position_embeddings)
 
 
@@ -169,7 +206,9 @@ def check_teacher_fits(cfg: TrainConfig, encoder, where: str) -> None:
     n = encoder.num_hidden_layers
     layers = cfg.layers(n)
     if any(i >= n for i in layers):
-        raise ConfigError(f"--student-layers {cfg.student_layers}: the teacher {where} has {n} layers, numbered 0 to {n - 1}")
+        raise ConfigError(
+            f"--student-layers {cfg.student_layers}: the teacher {where} has {n} layers, numbered 0 to {n - 1}"
+        )
     try:
         student_config_from_teacher(encoder, len(layers))
     except ValueError as e:
@@ -182,9 +221,12 @@ def check_inputs_fit(cfg: TrainConfig, teacher: TeacherSource, splits: dict[str,
     reaches past them."""
     over = {name: max(ds.lengths()) for name, ds in splits.items() if len(ds) and max(ds.lengths()) > teacher.positions}
     if over:
-        raise ConfigError(f"--max-length {cfg.max_length} keeps inputs longer than the {teacher.positions} positions of "
-                          f"the teacher {teacher.name} (" + ", ".join(f"{name}: {n} tokens" for name, n in over.items())
-                          + f"); lower --max-length to {teacher.positions}")
+        raise ConfigError(
+            f"--max-length {cfg.max_length} keeps inputs longer than the {teacher.positions} positions of "
+            f"the teacher {teacher.name} ("
+            + ", ".join(f"{name}: {n} tokens" for name, n in over.items())
+            + f"); lower --max-length to {teacher.positions}"
+        )
 
 
 def check_kmeans_has_enough_vectors(cfg: TrainConfig, bottleneck: BottleneckConfig, train: CustomDataset) -> None:
@@ -195,14 +237,17 @@ def check_kmeans_has_enough_vectors(cfg: TrainConfig, bottleneck: BottleneckConf
     available = len(train) if bottleneck.pooling == "cls" else sum(train.lengths())
     seen = min(available, cfg.kmeans_samples)
     if seen < bottleneck.num_keys:
-        raise ConfigError(f"k-means needs at least num_keys={bottleneck.num_keys} vectors but will see {seen} "
-                          f"({available} from {len(train)} training rows, {per_example}, capped by --kmeans-samples "
-                          f"{cfg.kmeans_samples}); lower --num-keys or use more training rows")
+        raise ConfigError(
+            f"k-means needs at least num_keys={bottleneck.num_keys} vectors but will see {seen} "
+            f"({available} from {len(train)} training rows, {per_example}, capped by --kmeans-samples "
+            f"{cfg.kmeans_samples}); lower --num-keys or use more training rows"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The output folder
 # ----------------------------------------------------------------------------------------------------------
+
 
 def read_progress(cfg: TrainConfig) -> dict:
     """The finished stages of a resumed run (empty for a new one)."""
@@ -218,8 +263,10 @@ def prepare_output_dir(cfg: TrainConfig) -> dict:
     if cfg.resume and saved.exists():
         changed = changed_settings(json.loads(saved.read_text()), cfg)
         if changed:
-            raise RunError(f"--resume with settings that differ from {saved}: "
-                           + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            raise RunError(
+                f"--resume with settings that differ from {saved}: "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            )
         return read_progress(cfg)
     keep = Path(cfg.teacher_checkpoint).resolve() if cfg.teacher_checkpoint else None
     stale = [name for name in RUN_OUTPUTS if (out / name).exists() and (out / name).resolve() != keep]

@@ -18,6 +18,7 @@ the ranks identical, and away from hangs:
   a timed-out operation can abort the process or wait on the dead peer, so the job leaves at once with its
   exit status (`shutdown`).
 """
+
 from __future__ import annotations
 
 import os
@@ -56,7 +57,9 @@ def launched_by_torchrun() -> bool:
 def init(device_setting: str, timeout_s: float) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes in the environment (or run alone): (ranks, this rank's device)."""
     if not launched_by_torchrun():
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_setting == "auto" else device_setting)
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device_setting == "auto" else device_setting
+        )
         return SINGLE, device
     ranks = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     # Decided from what every rank of a node sees alike, so that all of them pick the same backend.
@@ -64,8 +67,10 @@ def init(device_setting: str, timeout_s: float) -> tuple[Dist, torch.device]:
     use_cuda = device_setting.startswith("cuda") or (device_setting == "auto" and gpus > 0)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if use_cuda and ranks_here > gpus:  # nccl takes one GPU per rank; a missing one is "invalid device ordinal"
-        raise RunError(f"{ranks_here} ranks on this node but {gpus} CUDA device(s): nccl takes one GPU per rank; "
-                       f"start at most {gpus} (torchrun --nproc-per-node) or train on the CPUs with --device cpu")
+        raise RunError(
+            f"{ranks_here} ranks on this node but {gpus} CUDA device(s): nccl takes one GPU per rank; "
+            f"start at most {gpus} (torchrun --nproc-per-node) or train on the CPUs with --device cpu"
+        )
     device = torch.device("cuda", ranks.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -87,8 +92,10 @@ def collective(name: str, call, *args, **kwargs):
     except RuntimeError as e:  # gloo and nccl raise RuntimeError subclasses (DistBackendError) on failure or timeout
         _failed_collectives.append(name)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        raise RunError(f"rank {rank}: the collective '{name}' failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                       "another rank died or is stuck (see its log; --dist-timeout sets the wait)") from e
+        raise RunError(
+            f"rank {rank}: the collective '{name}' failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "another rank died or is stuck (see its log; --dist-timeout sets the wait)"
+        ) from e
 
 
 def barrier(name: str) -> None:
@@ -121,11 +128,13 @@ def quiet_unless_main(ranks: Dist) -> None:
     """Only rank 0 prints (errors still reach stderr on every rank)."""
     if not ranks.main:
         import builtins
+
         original = builtins.print
 
         def errors_only(*args, **kwargs):
             if kwargs.get("file") is sys.stderr:
                 original(*args, **kwargs)
+
         builtins.print = errors_only
 
 
@@ -155,20 +164,22 @@ def shutdown(status: int) -> int:
 # The split of the data
 # ----------------------------------------------------------------------------------------------------------
 
+
 def chunk(batch: list[int], ranks: Dist) -> list[int]:
     """This rank's contiguous part of a global batch (sizes differ by at most one; it may be empty)."""
     n = len(batch)
-    return batch[ranks.rank * n // ranks.world:(ranks.rank + 1) * n // ranks.world]
+    return batch[ranks.rank * n // ranks.world : (ranks.rank + 1) * n // ranks.world]
 
 
 def round_robin(batches: list[list[int]], ranks: Dist) -> list[list[int]]:
     """This rank's share of evaluation batches, whose results are gathered afterwards."""
-    return batches[ranks.rank::ranks.world]
+    return batches[ranks.rank :: ranks.world]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Codebook statistics, summed across ranks before every EMA step
 # ----------------------------------------------------------------------------------------------------------
+
 
 class CodebookSync:
     """The bottleneck's hook for data parallelism (DiscreteKeyBottleneck.sync).
@@ -187,9 +198,11 @@ class CodebookSync:
         sizes[self.ranks.rank] = local_rows
         flat = all_reduce_sum_(torch.cat([counts.reshape(-1), sums.reshape(-1), sizes]), "codebook statistics")
         c, s = counts.numel(), sums.numel()
-        return flat[:c].view_as(counts), flat[c:c + s].view_as(sums), flat[c + s:].long()
+        return flat[:c].view_as(counts), flat[c : c + s].view_as(sums), flat[c + s :].long()
 
-    def restart_samples(self, recent: torch.Tensor, rows_per_rank: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor | None:
+    def restart_samples(
+        self, recent: torch.Tensor, rows_per_rank: torch.Tensor, shape: tuple[int, int]
+    ) -> torch.Tensor | None:
         """[H, K, d] vectors for dead-key restarts: uniform draws over every rank's vectors."""
         total = int(rows_per_rank.sum())
         if total == 0:
@@ -197,7 +210,7 @@ class CodebookSync:
         h, k = shape
         rows = torch.randint(total, (h, k), device=recent.device)  # rank 0's draw is the one that counts
         broadcast_(rows, "dead-key restart draws")
-        start = int(rows_per_rank[:self.ranks.rank].sum())
+        start = int(rows_per_rank[: self.ranks.rank].sum())
         mine = (rows >= start) & (rows < start + recent.shape[0])
         local = (rows - start).clamp(0, max(recent.shape[0] - 1, 0))
         samples = torch.zeros(h, k, recent.shape[-1], dtype=torch.float32, device=recent.device)
@@ -211,6 +224,7 @@ def attach_codebook_sync(model: torch.nn.Module, ranks: Dist) -> None:
     """Give every bottleneck in model the cross-rank statistics hook, and dense value gradients, which DDP
     can reduce (nothing to do alone)."""
     from keydistill.bottleneck import DiscreteKeyBottleneck
+
     for module in model.modules():
         if isinstance(module, DiscreteKeyBottleneck):
             module.sync = CodebookSync(ranks) if ranks.active else None
@@ -223,6 +237,7 @@ def row_sparse_value_gradients_(model: torch.nn.Module) -> None:
     nonzero entry (the rows some rank's batch selected). LazyAdamW then moves the rows one process moves,
     where a dense gradient would move every row by its momentum and weight decay."""
     from keydistill.bottleneck import DiscreteKeyBottleneck
+
     for module in model.modules():
         if isinstance(module, DiscreteKeyBottleneck) and module.row_sparse_value_gradient():
             grad = module.values.grad
@@ -233,6 +248,7 @@ def row_sparse_value_gradients_(model: torch.nn.Module) -> None:
 def broadcast_codebooks(model: torch.nn.Module) -> None:
     """Make every rank's codebook state rank 0's (after k-means, which each rank ran on the same data)."""
     from keydistill.bottleneck import CODEBOOK_STATE, DiscreteKeyBottleneck
+
     if not dist.is_initialized():
         return
     for module in model.modules():

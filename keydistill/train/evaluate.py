@@ -1,4 +1,5 @@
 """Evaluation: predictions in dataset order, the task's metrics, and the codebook report."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,17 +68,21 @@ def evaluator(run, model, dataset, collate) -> Callable[[], dict[str, float]]:
 # The codebook report: usage of each model's keys, and whether student and teacher pick the same ones
 # ----------------------------------------------------------------------------------------------------------
 
+
 def codebook_usage_report(model, pred: Predictions) -> dict | None:
     if pred.key_indices is None:
         return None
     counts = assignment_counts(torch.cat(pred.key_indices), model.bottleneck.config.num_keys)
     test_usage, ema_usage = codebook_usage(counts), model.bottleneck.usage()
-    return {"test_perplexity": float(test_usage["perplexity"].mean()),
-            "test_live_fraction": float(test_usage["live_fraction"].mean()),
-            "ema_perplexity": float(ema_usage["perplexity"].mean()),
-            "ema_live_fraction": float(ema_usage["live_fraction"].mean()),
-            "num_heads": model.bottleneck.config.num_heads, "num_keys": model.bottleneck.config.num_keys,
-            "key_counts": counts.tolist()}
+    return {
+        "test_perplexity": float(test_usage["perplexity"].mean()),
+        "test_live_fraction": float(test_usage["live_fraction"].mean()),
+        "ema_perplexity": float(ema_usage["perplexity"].mean()),
+        "ema_live_fraction": float(ema_usage["live_fraction"].mean()),
+        "num_heads": model.bottleneck.config.num_heads,
+        "num_keys": model.bottleneck.config.num_keys,
+        "key_counts": counts.tolist(),
+    }
 
 
 def key_agreement(teacher_keys: torch.Tensor, student_keys: torch.Tensor, *, match: bool) -> float:
@@ -95,6 +100,7 @@ def key_agreement(teacher_keys: torch.Tensor, student_keys: torch.Tensor, *, mat
 def matched_ids(teacher_keys: torch.Tensor, student_keys: torch.Tensor) -> torch.Tensor:
     """student_keys [N, H] renamed to the teacher key each student key co-occurs with most (one to one)."""
     from scipy.optimize import linear_sum_assignment
+
     n, heads = teacher_keys.shape
     num_keys = int(max(teacher_keys.max(), student_keys.max())) + 1
     renamed = torch.empty_like(student_keys)
@@ -109,9 +115,12 @@ def matched_ids(teacher_keys: torch.Tensor, student_keys: torch.Tensor) -> torch
 
 def codebook_report(teacher, student, teacher_pred: Predictions, student_pred: Predictions, keys: str) -> dict:
     """Usage of both codebooks; key agreement for carried keys, matched agreement for fresh ones."""
-    report = {"teacher": codebook_usage_report(teacher, teacher_pred),
-              "student": codebook_usage_report(student, student_pred),
-              "key_agreement": None, "key_agreement_kind": "n/a (no student bottleneck)"}
+    report = {
+        "teacher": codebook_usage_report(teacher, teacher_pred),
+        "student": codebook_usage_report(student, student_pred),
+        "key_agreement": None,
+        "key_agreement_kind": "n/a (no student bottleneck)",
+    }
     if teacher_pred.key_indices is not None and student_pred.key_indices is not None:
         t, s = torch.cat(teacher_pred.key_indices), torch.cat(student_pred.key_indices)
         fresh = keys == "fresh"

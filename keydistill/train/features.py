@@ -3,6 +3,7 @@
 Once an encoder is fixed, its outputs can be computed once and the bottleneck and head trained on them
 (the teacher's bottleneck fit; a fresh student's decoder fit), which costs a fraction of a full forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,12 @@ class FeatureDataset(torch.utils.data.Dataset):
 def collate_features(items: list[dict]) -> dict[str, torch.Tensor]:
     hidden = torch.nn.utils.rnn.pad_sequence([it["hidden"] for it in items], batch_first=True)
     lengths = torch.tensor([len(it["hidden"]) for it in items])
-    return {"hidden": hidden, "attention_mask": (torch.arange(hidden.shape[1]) < lengths.unsqueeze(1)).long(),
-            "labels": torch.stack([it["labels"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+    return {
+        "hidden": hidden,
+        "attention_mask": (torch.arange(hidden.shape[1]) < lengths.unsqueeze(1)).long(),
+        "labels": torch.stack([it["labels"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+    }
 
 
 def forward(model, batch: dict, with_labels: bool = True):

@@ -1,5 +1,6 @@
 """The whole job: teacher -> student -> test, then metrics.json, the curves PNG and the summary; and the
 command-line wrapper that turns every error a user can cause into one line and exit status 2."""
+
 from __future__ import annotations
 
 import sys
@@ -47,22 +48,28 @@ def test_stage(run, teacher, student) -> tuple[dict, dict, dict]:
 def run_all(cfg: TrainConfig) -> dict:
     """Every stage, then metrics.json, the curves PNG and the summary. Returns the metrics."""
     from keydistill.report import plot_run, summary_table
+
     started = time.perf_counter()
     run = setup(cfg)
     teacher, teacher_train = teacher_stage(run)
     student, student_result = student_stage(run, teacher, teacher_train)
     results, codebook, speed = test_stage(run, teacher, student)
     history = [entry for name in STAGES for entry in run.progress.get(name, {}).get("history", [])]
-    metrics = {"task": run.task.name, "teacher": results["teacher"], "student": results["student"],
-               "fidelity": results["fidelity"],
-               "history": history, "codebook": codebook,
-               "steps_to_best_val": student_result["best_step"],
-               "curves": {name: run.progress[name]["curve"] for name in STAGES if name in run.progress},
-               "teacher_params": sum(p.numel() for p in teacher.parameters()),
-               "student_params": sum(p.numel() for p in student.parameters()),
-               "inference_examples_per_s": speed,
-               "rows": {"train": len(run.train), "val": len(run.val), **{k: len(v) for k, v in run.tests.items()}},
-               "seconds": time.perf_counter() - started}
+    metrics = {
+        "task": run.task.name,
+        "teacher": results["teacher"],
+        "student": results["student"],
+        "fidelity": results["fidelity"],
+        "history": history,
+        "codebook": codebook,
+        "steps_to_best_val": student_result["best_step"],
+        "curves": {name: run.progress[name]["curve"] for name in STAGES if name in run.progress},
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "inference_examples_per_s": speed,
+        "rows": {"train": len(run.train), "val": len(run.val), **{k: len(v) for k, v in run.tests.items()}},
+        "seconds": time.perf_counter() - started,
+    }
     if run.ranks.main:
         write_json(cfg.out / "metrics.json", metrics)
         plot_run(metrics, cfg.out / "training_curves.png")

@@ -9,6 +9,7 @@ carries its own validation score and step, which are the truth about "best" on r
 checkpoint's copy may be older), and a stage is marked finished in progress.json only after its best
 checkpoint exists.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+
 from keydistill.checkpoint import load_checkpoint, read_record, save_checkpoint
 from keydistill.data import length_bucketed_batches
 from keydistill.optim import clip_grad_norm_, make_optimizer
@@ -58,8 +60,10 @@ def param_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: flo
     """AdamW groups: weight decay on weights, none on biases and LayerNorm weights (as HF Trainer does)."""
     exempt = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
     exempt |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
-    groups = [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -71,7 +75,7 @@ def accumulation_weights(batches: list[list[int]], grad_accum: int) -> list[floa
     """
     weights = []
     for start in range(0, len(batches), grad_accum):
-        group = batches[start:start + grad_accum]
+        group = batches[start : start + grad_accum]
         examples = sum(len(b) for b in group)
         weights += [len(b) / examples for b in group]
     return weights
@@ -91,7 +95,9 @@ class BatchForward(nn.Module):
         # The head reads a detached encoder output (the key-less student under the hard lookup); the encoder
         # output itself, with its gradient, stays in hidden_states for the feature loss.
         hidden = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).hidden_states
-        out = self.model.forward_hidden(hidden.detach(), batch["attention_mask"], batch["labels"] if with_labels else None)
+        out = self.model.forward_hidden(
+            hidden.detach(), batch["attention_mask"], batch["labels"] if with_labels else None
+        )
         out.hidden_states = hidden
         return out
 
@@ -105,9 +111,11 @@ def trainer_for(run, model: nn.Module) -> nn.Module:
     device_ids = [run.device] if run.device.type == "cuda" else None
     # Newer torch names the switch forward_sync_buffers (it still syncs once at init, which is right here:
     # every rank's codebook is identical when a stage starts); older torch knows only broadcast_buffers.
-    no_buffer_sync = ({"forward_sync_buffers": False}
-                      if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
     return nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids, **no_buffer_sync)
 
 
@@ -150,15 +158,28 @@ def fit(run, stage: Stage) -> dict:
     lengths = stage.dataset.lengths()
     global_batch = cfg.batch_size * ranks.world
     total_steps = stage.epochs * math.ceil(math.ceil(len(lengths) / global_batch) / cfg.grad_accum)
-    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "curve": [], "best_val": None, "best_step": None,
-             "sums": {}, "count": 0, "seconds": 0.0, "global_batch": global_batch}
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "history": [],
+        "curve": [],
+        "best_val": None,
+        "best_step": None,
+        "sums": {},
+        "count": 0,
+        "seconds": 0.0,
+        "global_batch": global_batch,
+    }
     if cfg.resume and latest.exists():
         extra: dict[str, torch.Tensor] = {}
         state = load_checkpoint(latest, stage.model, optimizer, extra)["state"]
         if state.setdefault("global_batch", global_batch) != global_batch:  # absent: written before it was kept
             # the epoch's batches are cut from the global batch size: another one would replay other examples
-            raise RunError(f"{latest}: written by a run of {state['global_batch']} examples per batch (--batch-size "
-                           f"x ranks), resumed with {global_batch}: resume on as many ranks as it ran on")
+            raise RunError(
+                f"{latest}: written by a run of {state['global_batch']} examples per batch (--batch-size "
+                f"x ranks), resumed with {global_batch}: resume on as many ranks as it ran on"
+            )
         if average is not None:
             average.load(extra)
         if best.exists():  # the best checkpoint may be newer than the latest one's record of it
@@ -182,16 +203,21 @@ def fit(run, stage: Stage) -> dict:
     def save_latest() -> None:
         nonlocal saved_at
         if ranks.main:  # only rank 0 writes: the ranks need not agree on when (no collective here)
-            save_checkpoint(latest, stage.model, {"state": state}, optimizer,
-                            average.tensors() if average is not None else None)
+            save_checkpoint(
+                latest, stage.model, {"state": state}, optimizer, average.tensors() if average is not None else None
+            )
         saved_at = time.perf_counter()
 
     for epoch in range(state["epoch"], stage.epochs):
         batches = length_bucketed_batches(lengths, global_batch, cfg.seed, epoch)
         weights = accumulation_weights(batches, cfg.grad_accum)
         stage.model.train()
-        bar = progress_bar(total=len(lengths), initial=sum(map(len, batches[:state["batch"]])), unit="ex",
-                           desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}")
+        bar = progress_bar(
+            total=len(lengths),
+            initial=sum(map(len, batches[: state["batch"]])),
+            unit="ex",
+            desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}",
+        )
         started = time.perf_counter()
         step_losses, step_examples = None, 0  # the step's loss terms summed over its examples, on the device
         for i in range(state["batch"], len(batches)):
@@ -206,7 +232,9 @@ def fit(run, stage: Stage) -> dict:
                 with codebook_paused(stage.model, padding), run.autocast():
                     terms = stage.loss(trainer, batch)
                 # DDP averages over ranks; these weights make the step's loss the mean over its examples
-                (terms["total"] * (0.0 if padding else weights[i] * len(mine) / len(batches[i]) * ranks.world)).backward()
+                (
+                    terms["total"] * (0.0 if padding else weights[i] * len(mine) / len(batches[i]) * ranks.world)
+                ).backward()
             n = 0 if padding else len(mine)
             losses = torch.stack([v.detach().double() for v in terms.values()]) * n  # no host sync per micro-batch
             step_losses = losses if step_losses is None else step_losses + losses
@@ -243,12 +271,21 @@ def fit(run, stage: Stage) -> dict:
         # ---- end of epoch: validate, keep the best, record, checkpoint ----
         state["seconds"] += time.perf_counter() - started
         val = validate()
-        state["history"].append({"stage": stage.name, "epoch": epoch + 1, "step": state["step"],
-                                 "loss": {k: v / max(1, state["count"]) for k, v in state["sums"].items()},
-                                 "val": val, "examples_per_s": state["count"] / max(state["seconds"], 1e-9),
-                                 "seconds": state["seconds"]})
-        print(f"{stage.name} epoch {epoch + 1}: loss {state['history'][-1]['loss']['total']:.4f}, "
-              f"val {metric} {val[metric]:.4f}, {state['history'][-1]['examples_per_s']:.1f} ex/s")
+        state["history"].append(
+            {
+                "stage": stage.name,
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "loss": {k: v / max(1, state["count"]) for k, v in state["sums"].items()},
+                "val": val,
+                "examples_per_s": state["count"] / max(state["seconds"], 1e-9),
+                "seconds": state["seconds"],
+            }
+        )
+        print(
+            f"{stage.name} epoch {epoch + 1}: loss {state['history'][-1]['loss']['total']:.4f}, "
+            f"val {metric} {val[metric]:.4f}, {state['history'][-1]['examples_per_s']:.1f} ex/s"
+        )
         state.update(epoch=epoch + 1, batch=0, sums={}, count=0, seconds=0.0)
         save_latest()
     distributed.barrier(f"{stage.name}: best checkpoint written")
@@ -274,7 +311,7 @@ def token_scale(batches: list[list[int]], i: int, grad_accum: int, mine: list[in
     if not mine:  # a padding micro-batch, weighted 0
         return 1.0
     start = i - i % grad_accum
-    step = batches[start:start + grad_accum]
+    step = batches[start : start + grad_accum]
     step_tokens, step_examples = sum(lengths[j] for b in step for j in b), sum(len(b) for b in step)
     return step_tokens * len(mine) / step_examples / sum(lengths[j] for j in mine)
 

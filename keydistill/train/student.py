@@ -11,6 +11,7 @@ And each gets the same gradient paths into the encoder: the feature loss always;
 only when the lookup passes them (--soft-temperature), so under the hard lookup the no-bottleneck head
 reads a detached encoder output too. The commitment loss exists only where there are keys.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,13 @@ from keydistill.train.teacher import fit_decoder, save_model
 def student_stage(run, teacher, teacher_train: FeatureDataset):
     cfg = run.cfg
     torch.manual_seed(cfg.seed + 1)
-    student = student_from_teacher(teacher, cfg.layers(teacher.config.num_hidden_layers), carry=cfg.keys == "carry",
-                                   with_bottleneck=cfg.keys != "none", bottleneck_overrides=cfg.student_training())
+    student = student_from_teacher(
+        teacher,
+        cfg.layers(teacher.config.num_hidden_layers),
+        carry=cfg.keys == "carry",
+        with_bottleneck=cfg.keys != "none",
+        bottleneck_overrides=cfg.student_training(),
+    )
     distributed.attach_codebook_sync(student, run.ranks)
     if cfg.keys != "carry":
         fit_own_decoder(run, student)
@@ -45,8 +51,11 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
 
     layer_weights = cfg.layer_weights()
     matched = tuple(term for term, weight in layer_weights.items() if weight > 0)
-    layers = (LayerMatch(student, teacher, cfg.layers(teacher.config.num_hidden_layers), matched).cache(run, transfer)
-              if matched else None)
+    layers = (
+        LayerMatch(student, teacher, cfg.layers(teacher.config.num_hidden_layers), matched).cache(run, transfer)
+        if matched
+        else None
+    )
 
     def loss(trainer, batch):
         out = trainer(batch, detach_head=detach_head)
@@ -60,8 +69,21 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
         return terms
 
     collate = Collator(run.tokenizer.pad_token_id)
-    result = fit(run, Stage("student", student, trainable(student, cfg), cfg.epochs, cfg.lr, transfer, collate,
-                            loss, evaluator(run, student, run.val, collate), average=cfg.weight_average))
+    result = fit(
+        run,
+        Stage(
+            "student",
+            student,
+            trainable(student, cfg),
+            cfg.epochs,
+            cfg.lr,
+            transfer,
+            collate,
+            loss,
+            evaluator(run, student, run.val, collate),
+            average=cfg.weight_average,
+        ),
+    )
     save_model(run, student, cfg.out / "student")
     return student, result
 
@@ -75,7 +97,12 @@ def fit_own_decoder(run, student) -> None:
                 student.bottleneck.values.normal_(0.0, 0.02)
     encoder_trains = [p.requires_grad for p in student.encoder.parameters()]
     student.encoder.requires_grad_(False)  # fixed while its outputs are cached
-    fit_decoder(run, student, "student_decoder", encode(run, student, run.train, "student outputs"),
-                encode(run, student, run.val, "student val outputs"))
+    fit_decoder(
+        run,
+        student,
+        "student_decoder",
+        encode(run, student, run.train, "student outputs"),
+        encode(run, student, run.val, "student val outputs"),
+    )
     for p, trains in zip(student.encoder.parameters(), encoder_trains):
         p.requires_grad_(trains)

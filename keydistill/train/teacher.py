@@ -4,6 +4,7 @@ Fitting the bottleneck runs on cached encoder outputs (the encoder no longer cha
 EMA passes over the keys, then values and head trained with the keys fixed. The same recipe fits a fresh
 student's decoder (stages.student), so both codebooks are made alike.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,13 +28,16 @@ def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
         teacher = load_model(cfg.teacher_checkpoint or folder).to(run.device)
         distributed.attach_codebook_sync(teacher, run.ranks)
         if teacher.num_labels != run.task.num_labels:
-            raise RunError(f"{cfg.teacher_checkpoint or folder}: a teacher with {teacher.num_labels} label(s) cannot "
-                           f"teach {run.task.name}, which has {run.task.num_labels}")
+            raise RunError(
+                f"{cfg.teacher_checkpoint or folder}: a teacher with {teacher.num_labels} label(s) cannot "
+                f"teach {run.task.name}, which has {run.task.num_labels}"
+            )
         return teacher, encode(run, teacher, run.train, "teacher outputs")
     torch.manual_seed(cfg.seed)
     try:
-        teacher = BertWithKeyBottleneck.from_pretrained(cfg.teacher, num_labels=run.task.num_labels,
-                                                        bottleneck=run.teacher_bottleneck)
+        teacher = BertWithKeyBottleneck.from_pretrained(
+            cfg.teacher, num_labels=run.task.num_labels, bottleneck=run.teacher_bottleneck
+        )
     except OSError as e:
         raise RunError(f"cannot load the teacher encoder {cfg.teacher!r}: {e}") from None
     teacher.to(run.device)
@@ -41,11 +45,25 @@ def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
     collate = Collator(run.tokenizer.pad_token_id)
     if cfg.teacher_encoder == "finetune":
         plain = BertWithKeyBottleneck(teacher.config, None, run.task.num_labels, encoder=teacher.encoder).to(run.device)
-        fit(run, Stage("teacher_finetune", plain, trainable(plain, cfg), cfg.teacher_epochs, cfg.teacher_lr,
-                       run.train, collate, token_loss, evaluator(run, plain, run.val, collate)))
+        fit(
+            run,
+            Stage(
+                "teacher_finetune",
+                plain,
+                trainable(plain, cfg),
+                cfg.teacher_epochs,
+                cfg.teacher_lr,
+                run.train,
+                collate,
+                token_loss,
+                evaluator(run, plain, run.val, collate),
+            ),
+        )
     teacher.encoder.requires_grad_(False)  # from here on the encoder is fixed: its outputs can be cached
     train_features = encode(run, teacher, run.train, "teacher outputs")
-    fit_decoder(run, teacher, "teacher_bottleneck", train_features, encode(run, teacher, run.val, "teacher val outputs"))
+    fit_decoder(
+        run, teacher, "teacher_bottleneck", train_features, encode(run, teacher, run.val, "teacher val outputs")
+    )
     save_model(run, teacher, folder)
     run.finish_stage("teacher", {"folder": str(folder)})
     return teacher, train_features
@@ -68,15 +86,29 @@ def fit_decoder(run, model, name: str, train: FeatureDataset, val: FeatureDatase
         h, k, _ = bottleneck.keys.shape
         started = time.perf_counter()
         if run.ranks.main:  # k-means over thousands of keys takes minutes at the DKVB scale: say so first
-            print(f"{name}: k-means++ keys ({h} heads x {k} keys) on up to {cfg.kmeans_samples} vectors ...", flush=True)
+            print(
+                f"{name}: k-means++ keys ({h} heads x {k} keys) on up to {cfg.kmeans_samples} vectors ...", flush=True
+            )
         init_keys(run, model, train)
         if run.ranks.main:
             print(f"{name}: keys initialised in {time.perf_counter() - started:.0f} s", flush=True)
         key_passes(run, bottleneck, train)
     if bottleneck is not None:
         bottleneck.freeze_keys()
-    fit(run, Stage(name, model, [p for p in model.parameters() if p.requires_grad], cfg.bottleneck_epochs,
-                   cfg.bottleneck_lr, train, collate_features, token_loss, evaluator(run, model, val, collate_features)))
+    fit(
+        run,
+        Stage(
+            name,
+            model,
+            [p for p in model.parameters() if p.requires_grad],
+            cfg.bottleneck_epochs,
+            cfg.bottleneck_lr,
+            train,
+            collate_features,
+            token_loss,
+            evaluator(run, model, val, collate_features),
+        ),
+    )
     if bottleneck is not None:
         bottleneck.unfreeze_keys()
 
@@ -87,8 +119,10 @@ def key_passes(run, bottleneck, train: FeatureDataset) -> None:
     empty one too) and sum the codebook statistics before each step, as one process on the global batch."""
     bottleneck.train()
     size = run.cfg.eval_batch_size * run.ranks.world
-    empty = {"hidden": train.features[0].new_zeros(0, 1, train.features[0].shape[-1]),
-             "attention_mask": torch.zeros(0, 1, dtype=torch.long, device=run.device)}
+    empty = {
+        "hidden": train.features[0].new_zeros(0, 1, train.features[0].shape[-1]),
+        "attention_mask": torch.zeros(0, 1, dtype=torch.long, device=run.device),
+    }
     for p in range(run.cfg.key_passes):
         order = key_pass_batches(train.lengths(), size, run.cfg.seed, p)
         for global_batch in progress_bar(order, desc=f"key EMA pass {p + 1}/{run.cfg.key_passes}", unit="batch"):
@@ -113,6 +147,8 @@ def init_keys(run, model, features: FeatureDataset) -> None:
     a GPU, and the k-means draws take a generator on any device (bottleneck.kmeans_plus_plus)."""
     generator = torch.Generator().manual_seed(run.cfg.seed)
     vectors = torch.cat(features.features)
-    sample = torch.randperm(len(vectors), generator=generator)[:run.cfg.kmeans_samples].to(vectors.device)
-    model.bottleneck.init_keys_(model.bottleneck.project(vectors[sample]), generator=generator.manual_seed(run.cfg.seed))
+    sample = torch.randperm(len(vectors), generator=generator)[: run.cfg.kmeans_samples].to(vectors.device)
+    model.bottleneck.init_keys_(
+        model.bottleneck.project(vectors[sample]), generator=generator.manual_seed(run.cfg.seed)
+    )
     distributed.broadcast_codebooks(model)  # every rank ran k-means on the same vectors; make sure they agree

@@ -5,6 +5,7 @@ run a cuda:0 kernel on cuda:1 pointers (an illegal address, or a wrong stream). 
 enters its tensors' device first, as the C++ kernels do with CUDAGuard. On the CPU (the interpreter) there is
 nothing to enter.
 """
+
 from __future__ import annotations
 
 import contextlib

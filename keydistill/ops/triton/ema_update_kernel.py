@@ -8,6 +8,7 @@
    keys = embed_sum / smoothed size. The per-head total n_h it needs is known up front:
    sum_k(decay*c + (1-decay)*counts) = decay * sum_k c + (1-decay) * N, since every row picks one key.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +22,22 @@ BLOCK_KEYS = 64  # keys per program in the EMA pass
 
 
 @triton.jit
-def _scatter_add_kernel(x_ptr, index_ptr, counts_ptr, sums_ptr, n_rows, n_keys, dim,
-                        stride_xn, stride_xh, stride_xd, stride_in, stride_ih,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scatter_add_kernel(
+    x_ptr,
+    index_ptr,
+    counts_ptr,
+    sums_ptr,
+    n_rows,
+    n_keys,
+    dim,
+    stride_xn,
+    stride_xh,
+    stride_xd,
+    stride_in,
+    stride_ih,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     head = tl.program_id(1).to(tl.int64)  # head * stride may pass 2^31 when x or index is head-major
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < n_rows
@@ -34,15 +48,29 @@ def _scatter_add_kernel(x_ptr, index_ptr, counts_ptr, sums_ptr, n_rows, n_keys, 
     for d0 in range(0, dim, BLOCK_D):
         dd = d0 + dims
         m = row_in[:, None] & (dd < dim)[None, :]
-        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xn + head * stride_xh + dd[None, :] * stride_xd,
-                     mask=m, other=0.0).to(tl.float32)
+        xt = tl.load(
+            x_ptr + rows.to(tl.int64)[:, None] * stride_xn + head * stride_xh + dd[None, :] * stride_xd,
+            mask=m,
+            other=0.0,
+        ).to(tl.float32)
         tl.atomic_add(sums_ptr + slot[:, None] * dim + dd[None, :], xt, mask=m)
 
 
 @triton.jit
-def _segment_sum_kernel(x_ptr, order_ptr, starts_ptr, counts_ptr, sums_ptr, n_heads, dim,
-                        stride_xn, stride_xh, stride_xd,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _segment_sum_kernel(
+    x_ptr,
+    order_ptr,
+    starts_ptr,
+    counts_ptr,
+    sums_ptr,
+    n_heads,
+    dim,
+    stride_xn,
+    stride_xh,
+    stride_xd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     slot = tl.program_id(0)  # flat (head, key); its rows are order[starts[slot]:starts[slot + 1]]
     start = tl.load(starts_ptr + slot)
     end = tl.load(starts_ptr + slot + 1)
@@ -59,22 +87,37 @@ def _segment_sum_kernel(x_ptr, order_ptr, starts_ptr, counts_ptr, sums_ptr, n_he
             row = flat // n_heads
             head = flat % n_heads
             m = p_in[:, None] & (dd < dim)[None, :]
-            xt = tl.load(x_ptr + row[:, None] * stride_xn + head[:, None] * stride_xh + dd[None, :] * stride_xd,
-                         mask=m, other=0.0).to(tl.float32)
+            xt = tl.load(
+                x_ptr + row[:, None] * stride_xn + head[:, None] * stride_xh + dd[None, :] * stride_xd,
+                mask=m,
+                other=0.0,
+            ).to(tl.float32)
             acc += tl.sum(xt, 0)
         tl.store(sums_ptr + slot.to(tl.int64) * dim + dd, acc, mask=dd < dim)
 
 
 @triton.jit
-def _ema_kernel(keys_ptr, cluster_size_ptr, embed_sum_ptr, counts_ptr, sums_ptr, total_ptr,
-                n_keys, dim, decay, eps,
-                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ema_kernel(
+    keys_ptr,
+    cluster_size_ptr,
+    embed_sum_ptr,
+    counts_ptr,
+    sums_ptr,
+    total_ptr,
+    n_keys,
+    dim,
+    decay,
+    eps,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     head = tl.program_id(1)
     kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_in = kk < n_keys
     slot = head * n_keys + kk
-    size = decay * tl.load(cluster_size_ptr + slot, mask=k_in, other=0.0) \
-        + (1.0 - decay) * tl.load(counts_ptr + slot, mask=k_in, other=0).to(tl.float32)
+    size = decay * tl.load(cluster_size_ptr + slot, mask=k_in, other=0.0) + (1.0 - decay) * tl.load(
+        counts_ptr + slot, mask=k_in, other=0
+    ).to(tl.float32)
     tl.store(cluster_size_ptr + slot, size, mask=k_in)
     total = tl.load(total_ptr + head)
     smoothed = (size + eps) / (total + n_keys * eps) * total
@@ -83,7 +126,9 @@ def _ema_kernel(keys_ptr, cluster_size_ptr, embed_sum_ptr, counts_ptr, sums_ptr,
         dd = d0 + dims
         m = k_in[:, None] & (dd < dim)[None, :]
         off = slot.to(tl.int64)[:, None] * dim + dd[None, :]
-        es = decay * tl.load(embed_sum_ptr + off, mask=m, other=0.0) + (1.0 - decay) * tl.load(sums_ptr + off, mask=m, other=0.0)
+        es = decay * tl.load(embed_sum_ptr + off, mask=m, other=0.0) + (1.0 - decay) * tl.load(
+            sums_ptr + off, mask=m, other=0.0
+        )
         tl.store(embed_sum_ptr + off, es, mask=m)
         tl.store(keys_ptr + off, es / smoothed[:, None], mask=m)
 
@@ -101,8 +146,22 @@ def _cluster_stats(x, index, num_keys: int, deterministic: bool):
         sums = torch.zeros((h, num_keys, d), dtype=torch.float32, device=x.device)
         if n:
             _scatter_add_kernel[(triton.cdiv(n, BLOCK_ROWS), h)](
-                x, index, counts, sums, n, num_keys, d, x.stride(0), x.stride(1), x.stride(2),
-                index.stride(0), index.stride(1), BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=4)
+                x,
+                index,
+                counts,
+                sums,
+                n,
+                num_keys,
+                d,
+                x.stride(0),
+                x.stride(1),
+                x.stride(2),
+                index.stride(0),
+                index.stride(1),
+                BLOCK_N=BLOCK_ROWS,
+                BLOCK_D=block_d,
+                num_warps=4,
+            )
         return counts, sums
     counts = torch.empty((h, num_keys), dtype=torch.int32, device=x.device)
     sums = torch.empty((h, num_keys, d), dtype=torch.float32, device=x.device)
@@ -110,8 +169,20 @@ def _cluster_stats(x, index, num_keys: int, deterministic: bool):
     sorted_slots, order = torch.sort(slots, stable=True)  # stable: rows keep their order within a key
     starts = torch.searchsorted(sorted_slots, torch.arange(h * num_keys + 1, device=x.device))
     _segment_sum_kernel[(h * num_keys,)](
-        x, order, starts, counts, sums, h, d, x.stride(0), x.stride(1), x.stride(2),
-        BLOCK_N=BLOCK_ROWS, BLOCK_D=block_d, num_warps=2)
+        x,
+        order,
+        starts,
+        counts,
+        sums,
+        h,
+        d,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        BLOCK_N=BLOCK_ROWS,
+        BLOCK_D=block_d,
+        num_warps=2,
+    )
     return counts, sums
 
 
@@ -123,5 +194,17 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, decay: float, eps: floa
         counts, sums = _cluster_stats(x, index, k, deterministic)
         total = cluster_size.sum(-1) * decay + (1.0 - decay) * x.shape[0]  # n_h after the update, [H]
         _ema_kernel[(triton.cdiv(k, BLOCK_KEYS), h)](
-            keys, cluster_size, embed_sum, counts, sums, total, k, d, decay, eps,
-            BLOCK_K=BLOCK_KEYS, BLOCK_D=_block_d(d), num_warps=4)
+            keys,
+            cluster_size,
+            embed_sum,
+            counts,
+            sums,
+            total,
+            k,
+            d,
+            decay,
+            eps,
+            BLOCK_K=BLOCK_KEYS,
+            BLOCK_D=_block_d(d),
+            num_warps=4,
+        )

@@ -11,6 +11,7 @@ Non-finite logits follow the semantics of keydistill.ops.kd_loss: maxima start a
 exp(-inf) = 0, never exp(-inf - -inf)); a teacher row that is all -inf (sum 0) is treated like a masked-out
 row; terms of teacher probability 0 are 0 (never 0 * inf); NaN and +inf reach the sums and make the row NaN.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,24 @@ MAX_PACKED = 2048
 
 
 @triton.jit
-def _kd_loss_kernel(student_ptr, teacher_ptr, mask_ptr, loss_ptr, grad_ptr,
-                    n_rows, n_cols, stride_s, stride_t, stride_g, inv_temperature, temperature,
-                    HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _kd_loss_kernel(
+    student_ptr,
+    teacher_ptr,
+    mask_ptr,
+    loss_ptr,
+    grad_ptr,
+    n_rows,
+    n_cols,
+    stride_s,
+    stride_t,
+    stride_g,
+    inv_temperature,
+    temperature,
+    HAS_MASK: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_in = rows < n_rows
     if HAS_MASK:
@@ -111,10 +126,24 @@ def kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     rows, block_v, num_warps = _launch_shape(v)
     with device_of(student):
         _kd_loss_kernel[(triton.cdiv(n, rows),)](
-            student, teacher, mask if mask is not None else loss, loss, grad if compute_grad else loss,
-            n, v, student.stride(0), teacher.stride(0), grad.stride(0) if compute_grad else 0,
-            1.0 / temperature, temperature,
-            HAS_MASK=mask is not None, COMPUTE_GRAD=compute_grad, ROWS=rows, BLOCK_V=block_v, num_warps=num_warps)
+            student,
+            teacher,
+            mask if mask is not None else loss,
+            loss,
+            grad if compute_grad else loss,
+            n,
+            v,
+            student.stride(0),
+            teacher.stride(0),
+            grad.stride(0) if compute_grad else 0,
+            1.0 / temperature,
+            temperature,
+            HAS_MASK=mask is not None,
+            COMPUTE_GRAD=compute_grad,
+            ROWS=rows,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
     return loss, grad
 
 
@@ -131,7 +160,9 @@ class KDLossRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         if ctx.used:  # the saved gradient was scaled in place by the first backward
-            raise RuntimeError("kd_loss (triton): backward through the same graph twice is not supported; recompute the loss")
+            raise RuntimeError(
+                "kd_loss (triton): backward through the same graph twice is not supported; recompute the loss"
+            )
         ctx.used = True
         (grad,) = ctx.saved_tensors
         return scale_fused_gradient(grad, grad_rows), None, None, None

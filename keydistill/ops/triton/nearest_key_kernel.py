@@ -10,6 +10,7 @@ Precision of the dot products: 16-bit inputs are exact in tf32 (bf16 and fp16 ma
 bits), so tiles are widened to fp32 and multiplied with "tf32"; fp32 inputs use "tf32x3", which is
 fp32-accurate. (Widening also keeps bf16 out of tl.dot, which the Triton interpreter gets wrong.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,11 +30,29 @@ MULTI_CHUNK_TILE = (64, 128)
 
 
 @triton.jit
-def _nearest_key_kernel(x_ptr, keys_ptr, key_sq_ptr, key_sq_max_ptr, index_ptr, sqdist_ptr,
-                        n_rows, n_keys, dim,
-                        stride_xn, stride_xh, stride_xd, stride_kh, stride_kk, stride_kd,
-                        DOT_PRECISION: tl.constexpr, D_CHUNKS: tl.constexpr, TIE_EPS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _nearest_key_kernel(
+    x_ptr,
+    keys_ptr,
+    key_sq_ptr,
+    key_sq_max_ptr,
+    index_ptr,
+    sqdist_ptr,
+    n_rows,
+    n_keys,
+    dim,
+    stride_xn,
+    stride_xh,
+    stride_xd,
+    stride_kh,
+    stride_kk,
+    stride_kd,
+    DOT_PRECISION: tl.constexpr,
+    D_CHUNKS: tl.constexpr,
+    TIE_EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     head = tl.program_id(1)
     head64 = head.to(tl.int64)  # head * stride may pass 2^31 (H*K*d elements, or a head-major x)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,7 +69,9 @@ def _nearest_key_kernel(x_ptr, keys_ptr, key_sq_ptr, key_sq_max_ptr, index_ptr, 
     x_sq = tl.zeros((BLOCK_N,), tl.float32)
     for c in range(D_CHUNKS):
         dd = c * BLOCK_D + dims
-        xt = tl.load(x_base + dd[None, :] * stride_xd, mask=row_in[:, None] & (dd < dim)[None, :], other=0.0).to(tl.float32)
+        xt = tl.load(x_base + dd[None, :] * stride_xd, mask=row_in[:, None] & (dd < dim)[None, :], other=0.0).to(
+            tl.float32
+        )
         x_sq += tl.sum(xt * xt, 1)
     slack = TIE_EPS * (x_sq + tl.load(key_sq_max_ptr + head))
 
@@ -64,8 +85,11 @@ def _nearest_key_kernel(x_ptr, keys_ptr, key_sq_ptr, key_sq_max_ptr, index_ptr, 
             dd = c * BLOCK_D + dims
             d_in = dd < dim
             xt = tl.load(x_base + dd[None, :] * stride_xd, mask=row_in[:, None] & d_in[None, :], other=0.0)
-            kt = tl.load(k_base + kk.to(tl.int64)[:, None] * stride_kk + dd[None, :] * stride_kd,
-                         mask=k_in[:, None] & d_in[None, :], other=0.0)
+            kt = tl.load(
+                k_base + kk.to(tl.int64)[:, None] * stride_kk + dd[None, :] * stride_kd,
+                mask=k_in[:, None] & d_in[None, :],
+                other=0.0,
+            )
             dots = tl.dot(xt.to(tl.float32), tl.trans(kt.to(tl.float32)), dots, input_precision=DOT_PRECISION)
         key_sq = tl.load(key_sq_ptr + head64 * n_keys + kk, mask=k_in, other=float("inf"))
         scores = key_sq[None, :] - 2.0 * dots  # ||x - k||^2 - ||x||^2: same argmin
@@ -108,9 +132,28 @@ def nearest_key(x: torch.Tensor, keys: torch.Tensor):
     grid = (triton.cdiv(n, block_n), h)
     with device_of(x):
         _nearest_key_kernel[grid](
-            x, keys, key_sq, key_sq_max, index, sqdist, n, k, d,
-            x.stride(0), x.stride(1), x.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-            DOT_PRECISION="tf32" if sixteen_bit else "tf32x3", D_CHUNKS=d_chunks,
-            TIE_EPS=2 * torch.finfo(torch.float32).eps, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
-            num_warps=8, num_stages=2)
+            x,
+            keys,
+            key_sq,
+            key_sq_max,
+            index,
+            sqdist,
+            n,
+            k,
+            d,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            DOT_PRECISION="tf32" if sixteen_bit else "tf32x3",
+            D_CHUNKS=d_chunks,
+            TIE_EPS=2 * torch.finfo(torch.float32).eps,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            num_warps=8,
+            num_stages=2,
+        )
     return index, sqdist
