@@ -4,24 +4,13 @@ Every backend that should exist on this machine is tested, and a missing one fai
 than skipping: cpp always (the build must produce keydistill._C), triton always (on the CPU through the
 interpreter, at small shapes), cuda whenever a GPU is present.
 """
+
 import os
 
+import pytest
 import torch
 
-# The interpreter must be chosen before triton.jit decorates any kernel, i.e. before any import of them.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-KERNEL_BACKENDS = ["cpp", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def backend_device(backend: str) -> torch.device:
-    """Where a backend's inputs live: the GPU for cuda (and triton when there is a GPU), else the CPU."""
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+from tests.helpers.backends import KERNEL_BACKENDS
 
 
 @pytest.fixture(params=KERNEL_BACKENDS + ["torch"])
@@ -48,5 +37,6 @@ def seed():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random BERT with its tokenizer, and tiny GLUE folders (the training-job tests)."""
-    from train_fixtures import make_tiny
+    from tests.helpers.train_fixtures import make_tiny
+
     return make_tiny(tmp_path_factory.mktemp("tiny"))

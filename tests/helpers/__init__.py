@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules (import them as tests.helpers.<module>)."""
