@@ -1,24 +1,35 @@
 """`python -m keydistill.ablation`: the student's keys carried, fresh, or absent, side by side.
 
-Runs keydistill.train once per --keys choice with every other setting shared. The first run trains the
-teacher (unless --teacher-checkpoint is given); the others reuse it, so the three students distil from the
-same teacher. Any keydistill.train flag may follow, e.g.
+Runs keydistill.train once per --keys choice with every other setting shared. The first run of each cell
+trains the teacher (unless --teacher-checkpoint is given); the other two reuse it, so the three students
+distil from the same teacher. Any keydistill.train flag may follow, e.g.
 
     python -m keydistill.ablation --data-dir ../shared/data/glue --output-dir runs/ablation --eval-every 25
+    python -m keydistill.ablation --data-dir ../shared/data/glue --task rte --train-sizes 500,2000,all --seeds 3
 
-Writes <output-dir>/ablation.md and ablation.json and prints the table: test metric, best validation
-metric, optimizer steps to the best validation, and teacher-student key agreement on test.
+--train-sizes and --seeds make a grid: one cell per training size and seed (teacher and students trained on
+the same rows), in <output-dir>/rows_<n>/seed_<s>/keys_<variant>. A finished cell is reused on a re-run and an
+interrupted one continues, as in the GLUE runner.
+
+Writes <output-dir>/ablation.md, ablation.json and ablation.png: per training size, each variant's test metric
+(mean ± sd over the seeds, each seed's figure in the JSON), the teacher's, and teacher-student key agreement.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from keydistill.checkpoint import write_json
-from keydistill.data import get_task
-from keydistill.train import TrainConfig, build_parser, parse_config, run_all, run_cli
-from keydistill.train.config import explicit_flags
+from keydistill.data import get_task, load_task
+from keydistill.glue import finished
+from keydistill.seeds import aggregate, shown
+from keydistill.train import ConfigError, TrainConfig, build_parser, parse_config, run_all, run_cli
+from keydistill.train.config import changed_settings, explicit_flags
 
 VARIANTS = ("carry", "fresh", "none")
 
@@ -37,6 +48,76 @@ key-less head also reads a detached encoder output), and each starts from a deco
 """
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The grid: training sizes x seeds, three variants in each cell
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    rows: int | None  # training rows (--max-train-samples); None: every row
+    seed: int
+
+    def folder(self, root: Path, grid: bool) -> Path:
+        """Where the cell's three runs go: the output folder itself for a single cell, else one per cell."""
+        return root / f"rows_{self.rows or 'all'}" / f"seed_{self.seed}" if grid else root
+
+
+def parse_sizes(text: str) -> list[int | None]:
+    """--train-sizes: comma-separated row counts and/or "all", in increasing order (None for all)."""
+    sizes = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() == "all":
+            sizes.append(None)
+        elif part.isdigit() and int(part) > 0:
+            sizes.append(int(part))
+        else:
+            raise ConfigError(f"--train-sizes: {part!r} is not a row count > 0 or 'all' (e.g. 500,2000,all)")
+    return sorted(set(sizes), key=lambda n: float("inf") if n is None else n)
+
+
+def check_sizes(base: TrainConfig, sizes: list[int | None]) -> None:
+    """A size above the training rows the task has (after its validation slice) is an error before any work."""
+    counted = [n for n in sizes if n is not None]
+    if not counted:
+        return
+    data = load_task(
+        get_task(base.task), base.data_dir, val_size=base.val_size, seed=base.seed, skip_bad_rows=base.skip_bad_rows
+    )
+    too_large = [n for n in counted if n > len(data.train)]
+    if too_large:
+        raise ConfigError(
+            f"--train-sizes: {', '.join(map(str, too_large))} is more than the {len(data.train)} training rows "
+            f"{base.task} has after its validation slice (use 'all' for every row)"
+        )
+
+
+def cell_configs(base: TrainConfig, cell: Cell, folder: Path, grid: bool) -> list[TrainConfig]:
+    """The cell's three runs, carry first: it trains the teacher the other two reuse (unless one is given)."""
+    rows = cell.rows if grid else base.max_train_samples
+    teacher = base.teacher_checkpoint or str(folder / "keys_carry" / "teacher")
+    return [
+        continued(
+            dataclasses.replace(
+                base,
+                keys=keys,
+                seed=cell.seed,
+                max_train_samples=rows,
+                teacher_checkpoint=base.teacher_checkpoint if keys == "carry" else teacher,
+                output_dir=str(folder / f"keys_{keys}"),
+            )
+        )
+        for keys in VARIANTS
+    ]
+
+
+def continued(cfg: TrainConfig) -> TrainConfig:
+    """With --resume, an interrupted run of the same settings continues; any other starts afresh."""
+    saved = cfg.out / "config.json"
+    same = saved.exists() and not changed_settings(json.loads(saved.read_text()), cfg)
+    return dataclasses.replace(cfg, resume=cfg.resume and same)
+
+
 def ablation_row(keys: str, metrics: dict, metric: str) -> dict:
     best_val = max((e["val"][metric] for e in metrics["history"] if e["stage"] == "student"), default=None)
     return {
@@ -47,43 +128,166 @@ def ablation_row(keys: str, metrics: dict, metric: str) -> dict:
         "key agreement": metrics["codebook"]["key_agreement"],
         "agreement measured": metrics["codebook"]["key_agreement_kind"],
         f"teacher test {metric}": metrics["teacher"]["test"][metric],
+        "train rows": metrics["rows"]["train"],
     }
 
 
-def markdown_table(rows: list[dict]) -> str:
-    def cell(value):
-        return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def run_ablation(base: TrainConfig) -> list[dict]:
-    metric = get_task(base.task).metrics[0]
-    root = base.out
-    rows, teacher = [], base.teacher_checkpoint
-    for keys in VARIANTS:
-        cfg = dataclasses.replace(base, keys=keys, teacher_checkpoint=teacher, output_dir=str(root / f"keys_{keys}"))
-        metrics = run_all(cfg)
-        teacher = teacher or str(cfg.out / "teacher")
-        rows.append(ablation_row(keys, metrics, metric))
-    table = markdown_table(rows)
-    (root / "ablation.md").write_text(table + "\n\n" + VARIANT_NOTES)
-    write_json(root / "ablation.json", rows)
-    print(table)
+def run_cell(cfgs: list[TrainConfig], metric: str, label: str) -> list[dict]:
+    rows = []
+    for cfg in cfgs:
+        metrics = finished(cfg)
+        if metrics is not None:
+            print(f"{label} keys={cfg.keys}: reusing the finished run in {cfg.out}", flush=True)
+        else:
+            resumed = " (resumed)" if cfg.resume else ""
+            print(f"{label} keys={cfg.keys}: teacher -> student -> test in {cfg.out}{resumed}", flush=True)
+            metrics = run_all(cfg)
+        rows.append({**ablation_row(cfg.keys, metrics, metric), "seed": cfg.seed, "size": cfg.max_train_samples})
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+# ----------------------------------------------------------------------------------------------------------
+# The result: mean ± sd per size and variant, as markdown, JSON and a plot
+# ----------------------------------------------------------------------------------------------------------
+
+
+def summarise(cells: list[dict], metric: str) -> list[dict]:
+    """One entry per training size and variant: the test metric, the teacher's and the key agreement,
+    aggregated over the seeds."""
+    out = []
+    for size in dict.fromkeys(row["size"] for row in cells):
+        for keys in VARIANTS:
+            runs = [row for row in cells if row["size"] == size and row["keys"] == keys]
+            stats = aggregate(runs, (f"test {metric}", f"teacher test {metric}", "key agreement", "train rows"))
+            out.append({"size": size, "keys": keys, "seeds": [row["seed"] for row in runs], **stats})
+    return out
+
+
+def markdown(summary: list[dict], metric: str, what_varies: str) -> str:
+    lines = [
+        f"| training rows | teacher test {metric} | "
+        + " | ".join(f"{k} test {metric}" for k in VARIANTS)
+        + " | key agreement carry | key agreement fresh |",
+        "|" + "---|" * (len(VARIANTS) + 4),
+    ]
+    for size in dict.fromkeys(s["size"] for s in summary):
+        by_keys = {s["keys"]: s for s in summary if s["size"] == size}
+        rows = by_keys["carry"]["train rows"]["mean"]
+        lines.append(
+            f"| {rows:.0f} | {shown(by_keys['carry'][f'teacher test {metric}'])} | "
+            + " | ".join(shown(by_keys[k][f"test {metric}"]) for k in VARIANTS)
+            + f" | {shown(by_keys['carry']['key agreement'])} | {shown(by_keys['fresh']['key agreement'])} |"
+        )
+    return "\n".join(lines) + f"\n\nFigures in points: the mean ± the standard deviation over seeds. {what_varies}\n"
+
+
+def cell_table(cells: list[dict]) -> str:
+    def cell(value):
+        return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    header = list(cells[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], metric: str, path: Path) -> None:
+    from keydistill.report import plt
+
+    fig, (score, agreement) = plt.subplots(1, 2, figsize=(11, 4))
+    for keys in VARIANTS:
+        points = [s for s in summary if s["keys"] == keys]
+        x = [s["train rows"]["mean"] for s in points]
+        for ax, name, scale in ((score, f"test {metric}", 100), (agreement, "key agreement", 100)):
+            if all(s[name] for s in points):
+                y = [scale * s[name]["mean"] for s in points]
+                ax.errorbar(x, y, yerr=[scale * s[name]["sd"] for s in points], marker="o", capsize=3, label=keys)
+    teacher = [s for s in summary if s["keys"] == "carry"]
+    score.errorbar(
+        [s["train rows"]["mean"] for s in teacher],
+        [100 * s[f"teacher test {metric}"]["mean"] for s in teacher],
+        yerr=[100 * s[f"teacher test {metric}"]["sd"] for s in teacher],
+        color="black",
+        linestyle="--",
+        capsize=3,
+        label="teacher",
+    )
+    score.set(xscale="log", xlabel="training rows", ylabel=f"test {metric} (points)", title="student by its keys")
+    agreement.set(xscale="log", xlabel="training rows", ylabel="key agreement (%)", title="keys the student shares")
+    for ax in (score, agreement):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_ablation(base: TrainConfig, sizes: list[int | None] | None = None, seeds: int = 1) -> dict:
+    metric = get_task(base.task).metrics[0]
+    root, grid = base.out, sizes is not None or seeds > 1
+    grid_cells = [Cell(size, base.seed + i) for size in (sizes or [base.max_train_samples]) for i in range(seeds)]
+    rows = []
+    for i, cell in enumerate(grid_cells, start=1):
+        label = f"[{i}/{len(grid_cells)}] rows={cell.rows or 'all'} seed={cell.seed}"
+        rows += run_cell(cell_configs(base, cell, cell.folder(root, grid), grid), metric, label)
+    summary = summarise(rows, metric)
+    what_varies = (
+        "The teacher is fixed (--teacher-checkpoint): the seeds vary the students only."
+        if base.teacher_checkpoint
+        else "Each seed trains its own teacher (shared by its three students) on its own validation slice."
+    )
+    table = markdown(summary, metric, what_varies)
+    (root / "ablation.md").write_text(table + "\n" + cell_table(rows) + "\n\n" + VARIANT_NOTES)
+    write_json(
+        root / "ablation.json", {"metric": metric, "what_varies": what_varies, "cells": rows, "summary": summary}
+    )
+    plot(summary, metric, root / "ablation.png")
+    print(table)
+    print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}, {root / 'ablation.png'}")
+    return {"cells": rows, "summary": summary}
+
+
+def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(--train-sizes and --seeds, the keydistill.train flags that follow them)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never mistake --seed for --seeds
+    parser.add_argument("--train-sizes", default=None)
+    parser.add_argument("--seeds", default="1")
+    return parser.parse_known_args(argv)
+
+
+def grid_parser() -> argparse.ArgumentParser:
     parser = build_parser()
     parser.prog = "python -m keydistill.ablation"
+    parser.description = __doc__.split("\n\n")[0]
     parser.set_defaults(output_dir="runs/ablation_{task}")
+    parser.add_argument("--train-sizes", default=None, help="training rows per cell, e.g. 500,2000,all")
+    parser.add_argument("--seeds", default="1", help="seeds per cell, from --seed on")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = grid_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)  # --help, and every flag checked once up front
     if "keys" in explicit_flags(parser, argv):  # each variant sets its own
         parser.error(f"--keys: the ablation runs every choice ({', '.join(VARIANTS)}); leave it out")
-    return run_cli(run_ablation, parse_config(argv, parser))
+    if not (args.seeds.isdigit() and int(args.seeds) > 0):
+        parser.error(f"--seeds must be a whole number > 0, got {args.seeds!r}")
+    train = build_parser()
+    train.set_defaults(output_dir="runs/ablation_{task}")
+    base = parse_config(split_argv(argv)[1], train)
+
+    def run(cfg: TrainConfig) -> dict:
+        sizes = None if args.train_sizes is None else parse_sizes(args.train_sizes)
+        if sizes:
+            check_sizes(cfg, sizes)
+        return run_ablation(cfg, sizes, int(args.seeds))
+
+    return run_cli(run, base)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m keydistill.glue --data-dir ../shared/data/glue                 # every task with a folder there
     python -m keydistill.glue --data-dir ../shared/data/glue --tasks cola,rte
     python -m keydistill.glue --data-dir ../shared/data/glue --resume        # continue an interrupted table
+    python -m keydistill.glue --data-dir ../shared/data/glue --tasks rte --seeds 3   # mean ± sd over seeds
 
 Each task runs keydistill.train (teacher -> student -> test) with its recipe from the task table
 (keydistill.data.TASKS) in <output-dir>/<task>/, where its settings (config.json) sit beside its results
@@ -11,7 +12,10 @@ are unchanged is reused on a re-run; with --resume an interrupted one continues.
 or malformed is reported and skipped, the others still run, and the exit status is 1.
 
 Writes <output-dir>/glue.md, glue.json and glue.png: one row per model with each task's GLUE metric, the
-macro score, parameters and inference examples/s, and the student's share of the teacher per task.
+macro score, parameters and inference examples/s, and the student's share of the teacher per task. With
+--seeds N each task runs N times (seeds --seed, --seed + 1, ... in <output-dir>/<task>/seed_<s>/) and the
+table shows each figure's mean ± standard deviation; glue.json keeps every seed's. A --teacher-checkpoint
+holding {task} (e.g. runs/glue/{task}/teacher) fixes each task's teacher, so the seeds vary the student only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 from keydistill.checkpoint import write_json
 from keydistill.data import TASKS, DataError, compute_metrics, get_task, load_task
 from keydistill.ops import BackendUnavailable
+from keydistill.seeds import mean_sd
 from keydistill.train import RunError, TrainConfig, build_parser, distributed, parse_config, run_all
 from keydistill.train.config import changed_settings, explicit_flags
 
@@ -62,7 +67,14 @@ def build_glue_parser() -> argparse.ArgumentParser:
         help="comma-separated tasks (e.g. cola,mrpc); default: every task with a folder in --data-dir "
         "(all nine from the hub without --data-dir)",
     )
+    parser.add_argument("--seeds", type=positive_count, default=1, help="runs per task, seeds --seed on")
     return parser
+
+
+def positive_count(text: str) -> int:
+    if not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text!r}")
+    return int(text)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -75,6 +87,7 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     """(--tasks, the keydistill.train flags)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never mistake --task for --tasks
     parser.add_argument("--tasks", default=None)
+    parser.add_argument("--seeds", default=None)
     known, rest = parser.parse_known_args(argv)
     if "task" in explicit_flags(train_parser(), rest):  # each task sets its own: it would do nothing
         raise DataError("--task names one task of keydistill.train; the GLUE runner takes --tasks (e.g. --tasks cola)")
@@ -96,12 +109,16 @@ def chosen_tasks(tasks: str | None, data_dir: str | None) -> tuple[list[str], di
     return found, missing
 
 
-def task_config(train_argv: list[str], task: str) -> TrainConfig:
-    """The task's settings: defaults, its recipe, then the user's flags; in <output-dir>/<task>. --resume
-    continues an interrupted task and starts the others afresh (a folder without a run, or one whose run had
-    other settings)."""
+def task_config(train_argv: list[str], task: str, seed: int | None = None) -> TrainConfig:
+    """The task's settings: defaults, its recipe, then the user's flags; in <output-dir>/<task> (one of
+    several seeds: <output-dir>/<task>/seed_<seed>). --resume continues an interrupted task and starts the
+    others afresh (a folder without a run, or one whose run had other settings)."""
     cfg = parse_config([*train_argv, "--task", task], parser=train_parser())
-    cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / task))
+    out = Path(cfg.output_dir) / task
+    if seed is not None:
+        cfg, out = dataclasses.replace(cfg, seed=seed), out / f"seed_{seed}"
+    teacher = cfg.teacher_checkpoint and cfg.teacher_checkpoint.replace("{task}", task)
+    cfg = dataclasses.replace(cfg, output_dir=str(out), teacher_checkpoint=teacher)
     saved = cfg.out / "config.json"
     same = saved.exists() and not changed_settings(json.loads(saved.read_text()), cfg)
     return dataclasses.replace(cfg, resume=cfg.resume and same)
@@ -196,16 +213,56 @@ def task_row(name: str, cfg: TrainConfig, metrics: dict, seconds: float | None) 
     }
 
 
+def combine_seeds(rows: list[dict]) -> dict:
+    """One task's row over its seeds: each figure the seeds' mean, with its sample sd beside it (<model>_sd,
+    <model>_score_sd) and every seed's own figures under "seeds". Baselines and sizes are the first seed's."""
+    combined = dict(rows[0])
+    for model in ("teacher", "student"):
+        combined[model], combined[f"{model}_sd"] = nested_mean_sd([r[model] for r in rows])
+        combined[f"{model}_score"], combined[f"{model}_score_sd"] = mean_sd(r[f"{model}_score"] for r in rows)
+    teacher = combined["teacher_score"]
+    fidelity = [r["fidelity"] for r in rows]
+    return combined | {
+        "student_share": combined["student_score"] / teacher if teacher else None,
+        "fidelity": None if None in fidelity else mean_sd(fidelity)[0],
+        "seconds": sum(r["seconds"] for r in rows),
+        "seeds": [
+            {"seed": r["settings"]["seed"], **{k: r[k] for k in SEED_FIGURES}, "settings": r["settings"]} for r in rows
+        ],
+    }
+
+
+SEED_FIGURES = ("teacher", "student", "teacher_score", "student_score", "student_share", "fidelity", "seconds")
+
+
+def nested_mean_sd(results: list[dict]) -> tuple[dict, dict]:
+    """({split: {metric: mean}}, {split: {metric: sd}}) over several runs' {split: {metric: value}}."""
+    stats = {
+        split: {metric: mean_sd(r[split][metric] for r in results) for metric in results[0][split]}
+        for split in results[0]
+    }
+    return (
+        {split: {m: v[0] for m, v in metrics.items()} for split, metrics in stats.items()},
+        {split: {m: v[1] for m, v in metrics.items()} for split, metrics in stats.items()},
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The table: markdown, JSON, plot
 # ----------------------------------------------------------------------------------------------------------
 
 
-def cell(task: str, results: dict) -> str:
+def cell(task: str, results: dict, sd: dict | None = None) -> str:
     """One task's GLUE metrics as DistilBERT prints them: F1/acc for MRPC, Pearson/Spearman for STS-B, MCC for
-    CoLA, m/mm for MNLI."""
+    CoLA, m/mm for MNLI; each with " ± sd" over seeds when sd is given."""
     splits = [s for s in results if s.startswith("test_")] or ["test"]
-    return "/".join(f"{100 * results[s][m]:.1f}" for s in splits for m in glue_metrics(task))
+    spread = (lambda s, m: f" ± {100 * sd[s][m]:.1f}") if sd else (lambda s, m: "")
+    return "/".join(f"{100 * results[s][m]:.1f}{spread(s, m)}" for s in splits for m in glue_metrics(task))
+
+
+def score_cell(summary: dict, model: str) -> str:
+    sd = summary.get(f"{model}_sd")
+    return f"{summary[model]:.1f}" + (f" ± {sd:.1f}" if sd is not None else "")
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
@@ -217,8 +274,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
         speed = np.mean([r["inference_examples_per_s"].get(model, np.nan) for r in rows])
         params = rows[0][f"{model}_params"] / 1e6
         lines.append(
-            f"| {model} | {summary[model]:.1f} | "
-            + " | ".join(cell(r["task"], r[model]) for r in rows)
+            f"| {model} | {score_cell(summary, model)} | "
+            + " | ".join(cell(r["task"], r[model], r.get(f"{model}_sd")) for r in rows)
             + f" | {params:.1f}M | {speed:.0f} |"
         )
     lines.append(
@@ -247,6 +304,7 @@ def markdown(rows: list[dict], summary: dict) -> str:
         "Fidelity: the share of test examples where the student predicts the teacher's class (STS-B: the "
         "correlation of their scores). Majority class: always predicting the most frequent label of train "
         "(a model that learnt nothing) or of the test split itself (the best constant).",
+        *(["", summary["seeds_note"]] if summary.get("seeds_note") else []),
         "",
         "| task | teacher | published (DistilBERT Table 1 / MiniLM-L6-H384) | gap | minutes |",
         "|---|---|---|---|---|",
@@ -272,11 +330,30 @@ def summarise(rows: list[dict]) -> dict:
     return {
         "teacher": teacher,
         "student": student,
+        **seed_spread(rows),
         "share": student / teacher if teacher else float("nan"),
         **{key: float(np.mean(scores)) if None not in scores else None for key, scores in baselines.items()},
         "speedup": speedup,
         "minutes": sum(r["seconds"] for r in rows) / 60,
     }
+
+
+def seed_spread(rows: list[dict]) -> dict:
+    """The macro score's sd over seeds (the i-th seed of every task makes the i-th table), and what varies."""
+    counts = {len(r.get("seeds", [])) for r in rows}
+    if counts == {0} or len(counts) > 1:
+        return {}
+    fixed, seeds = all(r["settings"]["teacher_checkpoint"] for r in rows), counts.pop()
+    spread = {
+        f"{model}_sd": mean_sd(np.mean([r["seeds"][i][f"{model}_score"] for r in rows]) for i in range(seeds))[1]
+        for model in ("teacher", "student")
+    }
+    varies = (
+        "the teacher is fixed per task (--teacher-checkpoint): the seeds vary the student only"
+        if fixed
+        else "each seed trains its own teacher and student (and draws its own validation slice)"
+    )
+    return spread | {"seeds_note": f"Mean ± sample standard deviation over {seeds} seeds; {varies}."}
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
@@ -326,19 +403,16 @@ def run_glue(argv: list[str]) -> int:
     failed: dict[str, str] = {}
     rows = []
     started = time.perf_counter()
+    seeds = [None] if args.seeds == 1 else [args.seed + k for k in range(args.seeds)]
     for i, name in enumerate(tasks, start=1):
-        print(f"[{i}/{len(tasks)}] {name}: ", end="", flush=True)
         try:
-            cfg = task_config(train_argv, name)
-            metrics, seconds = finished(cfg), None
-            if metrics is not None:
-                print(f"reusing the finished run in {cfg.out}")
-            else:
-                print(f"teacher -> student -> test in {cfg.out}" + (" (resumed)" if cfg.resume else ""), flush=True)
-                task_started = time.perf_counter()
-                metrics = run_all(cfg)
-                seconds = time.perf_counter() - task_started
-            row = task_row(name, cfg, metrics, seconds)
+            runs = [
+                task_run(
+                    train_argv, name, seed, f"[{i}/{len(tasks)}] {name}" + (f" seed {seed}" if seed is not None else "")
+                )
+                for seed in seeds
+            ]
+            row = runs[0] if len(runs) == 1 else combine_seeds(runs)
         except (DataError, RunError, BackendUnavailable) as e:
             failed[name] = str(e)
             print(f"[{i}/{len(tasks)}] {name}: skipped: {e}", flush=True)
@@ -359,6 +433,20 @@ def run_glue(argv: list[str]) -> int:
             flush=True,
         )
     return write_table(root, rows, failed, not_run, time.perf_counter() - started)
+
+
+def task_run(train_argv: list[str], name: str, seed: int | None, label: str) -> dict:
+    """One run of a task (one of several seeds when seed is given): reused when finished, else run."""
+    cfg = task_config(train_argv, name, seed)
+    metrics, seconds = finished(cfg), None
+    if metrics is not None:
+        print(f"{label}: reusing the finished run in {cfg.out}", flush=True)
+    else:
+        print(f"{label}: teacher -> student -> test in {cfg.out}" + (" (resumed)" if cfg.resume else ""), flush=True)
+        started = time.perf_counter()
+        metrics = run_all(cfg)
+        seconds = time.perf_counter() - started
+    return task_row(name, cfg, metrics, seconds)
 
 
 def write_table(root: Path, rows: list[dict], failed: dict, not_run: dict, seconds: float) -> int:

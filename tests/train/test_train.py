@@ -95,7 +95,7 @@ def test_key_ablation_table_from_a_saved_teacher(sst2_run, tiny, tmp_path):
 
     teacher_dir = sst2_run[0] / "teacher"
     assert main(tiny_args(tiny, tmp_path, "--teacher-checkpoint", str(teacher_dir), "--epochs", "1")) == 0
-    rows = json.loads((tmp_path / "ablation.json").read_text())
+    rows = json.loads((tmp_path / "ablation.json").read_text())["cells"]
     assert [r["keys"] for r in rows] == ["carry", "fresh", "none"]
     assert [r["key agreement"] is None for r in rows] == [False, False, True]
     assert all(r["teacher test accuracy"] == sst2_run[1]["teacher"]["test"]["accuracy"] for r in rows)
