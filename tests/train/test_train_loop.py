@@ -10,8 +10,9 @@ from keydistill.bottleneck import BottleneckConfig
 from keydistill.losses import DistillationWeights, distillation_loss, hidden_state_loss, relation_loss
 from keydistill.models import BertWithKeyBottleneck
 from keydistill.train import distributed, parse_config, run_all
+from keydistill.train.checkpointer import checkpoint_due
 from keydistill.train.distributed import Dist
-from keydistill.train.loop import accumulation_weights, checkpoint_due, param_groups, token_scale
+from keydistill.train.loop import accumulation_weights, param_groups, token_scale
 from tests.helpers.train_fixtures import tiny_args
 
 
