@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TrainState:
-    global_batch: int  # examples per optimizer micro-batch over all ranks: the epoch's batches are cut from it
+    global_batch: int  # examples per batch over all ranks (--batch-size x ranks): the epoch's batches are cut from it
     epoch: int = 0  # the epoch under way (epochs before it are finished)
     batch: int = 0  # its next micro-batch
     step: int = 0  # optimizer steps taken in the stage
