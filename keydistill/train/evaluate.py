@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -11,6 +11,9 @@ import torch
 from keydistill.bottleneck import assignment_counts, codebook_usage
 from keydistill.data import GlueTask, compute_metrics
 from keydistill.train.features import forward, gathered, sharded
+
+if TYPE_CHECKING:
+    from keydistill.train.context import Run
 
 
 @dataclass
@@ -20,7 +23,7 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(run, model, dataset, collate) -> Predictions:
+def predict(run: Run, model, dataset, collate) -> Predictions:
     """Logits (and key indices) for every example of dataset, in eval mode, restoring the mode after.
     Data-parallel ranks each predict a share and gather the rest, so every rank holds all predictions."""
     was_training = model.training
@@ -60,7 +63,7 @@ def fidelity(task: GlueTask, teacher_logits: torch.Tensor, student_logits: torch
     return float((teacher_logits.argmax(-1) == student_logits.argmax(-1)).double().mean())
 
 
-def evaluator(run, model, dataset, collate) -> Callable[[], dict[str, float]]:
+def evaluator(run: Run, model, dataset, collate) -> Callable[[], dict[str, float]]:
     return lambda: score(run.task, predict(run, model, dataset, collate).logits, dataset.labels)
 
 

@@ -6,11 +6,16 @@ Once an encoder is fixed, its outputs can be computed once and the bottleneck an
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from tqdm import tqdm
 
 from keydistill.data import Collator, CustomDataset, eval_batches
 from keydistill.train import distributed
+
+if TYPE_CHECKING:
+    from keydistill.train.context import Run
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -69,14 +74,14 @@ def progress_bar(iterable=None, **kwargs):
     return tqdm(iterable, mininterval=2, disable=not distributed.is_main(), **kwargs)
 
 
-def sharded(run, dataset, collate, batch_size: int, desc: str | None = None):
+def sharded(run: Run, dataset, collate, batch_size: int, desc: str | None = None):
     """(indices, batch on the device) for this rank's share of evaluation batches of dataset."""
     batches = distributed.round_robin(eval_batches(dataset.lengths(), batch_size), run.ranks)
     items = batches_on(run.device, dataset, collate, batches)
     return progress_bar(items, total=len(batches), desc=desc, unit="batch") if desc else items
 
 
-def gathered(run, per_example: dict, size: int, name: str, store: torch.device | None = None) -> list:
+def gathered(run: Run, per_example: dict, size: int, name: str, store: torch.device | None = None) -> list:
     """{example index: value} from this rank -> [value per example] from every rank, in dataset order; other
     ranks' values land on store (default the run's device)."""
     if run.ranks.active:
@@ -88,7 +93,7 @@ def gathered(run, per_example: dict, size: int, name: str, store: torch.device |
 
 
 @torch.no_grad()
-def per_example(run, dataset: CustomDataset, outputs, kept, desc: str, store: torch.device | None = None) -> list:
+def per_example(run: Run, dataset: CustomDataset, outputs, kept, desc: str, store: torch.device | None = None) -> list:
     """[kept(outputs(batch), row, i, batch) for each example i], in dataset order: outputs runs (under autocast)
     on this rank's share of evaluation batches, kept takes example i (batch row `row`) from them, and the
     ranks' shares are gathered on each. store: where kept tensors live (default the run's device)."""
@@ -101,7 +106,7 @@ def per_example(run, dataset: CustomDataset, outputs, kept, desc: str, store: to
     return gathered(run, values, len(dataset), f"gather {desc}", store)
 
 
-def encode(run, model, dataset: CustomDataset, desc: str) -> FeatureDataset:
+def encode(run: Run, model, dataset: CustomDataset, desc: str) -> FeatureDataset:
     """The model's encoder outputs at its bottleneck's kept positions, per example, in dataset order
     (computed in shares by the data-parallel ranks, then gathered on each)."""
     model.eval()

@@ -14,7 +14,7 @@ from keydistill.data import Collator, DataError
 from keydistill.ops import BackendUnavailable
 from keydistill.train import distributed
 from keydistill.train.config import RunError, TrainConfig, parse_config
-from keydistill.train.context import setup
+from keydistill.train.context import Run, setup
 from keydistill.train.evaluate import codebook_report, fidelity, predict, score
 from keydistill.train.student import student_stage
 from keydistill.train.teacher import teacher_stage
@@ -22,7 +22,7 @@ from keydistill.train.teacher import teacher_stage
 STAGES = ("teacher_finetune", "teacher_bottleneck", "student_decoder", "student")
 
 
-def test_stage(run, teacher, student) -> tuple[dict, dict, dict]:
+def test_stage(run: Run, teacher, student) -> tuple[dict, dict, dict]:
     """Metrics of both models on val and every test split, the student's fidelity to the teacher and the
     codebook report on the first test split, and each model's inference speed there (examples/s at the
     evaluation batch size)."""

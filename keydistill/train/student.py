@@ -14,6 +14,8 @@ reads a detached encoder output too. The commitment loss exists only where there
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from keydistill.data import Collator
@@ -26,8 +28,11 @@ from keydistill.train.loop import Stage, fit, trainable
 from keydistill.train.targets import LayerMatch, transfer_set
 from keydistill.train.teacher import fit_decoder, save_model
 
+if TYPE_CHECKING:
+    from keydistill.train.context import Run
 
-def student_stage(run, teacher, teacher_train: FeatureDataset):
+
+def student_stage(run: Run, teacher, teacher_train: FeatureDataset):
     cfg = run.cfg
     torch.manual_seed(cfg.seed + 1)
     student = student_from_teacher(
@@ -88,7 +93,7 @@ def student_stage(run, teacher, teacher_train: FeatureDataset):
     return student, result
 
 
-def fit_own_decoder(run, student) -> None:
+def fit_own_decoder(run: Run, student) -> None:
     """A fresh or key-less student's decoder: re-initialised, then fitted on its own cached outputs."""
     if "student_decoder" not in run.progress:
         with torch.no_grad():

@@ -9,6 +9,8 @@ All are computed once, before training, without gradients.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from keydistill.augment import perturbed_copies
@@ -17,6 +19,9 @@ from keydistill.losses import hidden_state_loss, relation_loss
 from keydistill.models.transfer import LAYER_NAME_MAP
 from keydistill.train.evaluate import predict
 from keydistill.train.features import FeatureDataset, collate_features, encode, per_example
+
+if TYPE_CHECKING:
+    from keydistill.train.context import Run
 
 # Where each matched tensor comes from inside one layer ("": the layer's own output).
 TEACHER_PARTS = {
@@ -67,7 +72,7 @@ class LayerMatch:
 
         return hook
 
-    def cache(self, run, dataset) -> "LayerMatch":
+    def cache(self, run: Run, dataset) -> "LayerMatch":
         """Compute the teacher's layer tensors on every example of dataset now, if they fit in CACHE_BYTES."""
         size = sum(dataset.lengths()) * len(self.teacher_layers) * len(self.parts) * self.teacher.hidden_size * 2
         if size <= self.CACHE_BYTES:
@@ -101,7 +106,7 @@ class LayerMatch:
             [torch.cat([kept[part, i].float() for part in self.parts], -1) for i in self.teacher_layers], dim=2
         )
 
-    def teacher_outputs(self, run, dataset) -> list[torch.Tensor]:
+    def teacher_outputs(self, run: Run, dataset) -> list[torch.Tensor]:
         """Per example, [its tokens, len(teacher_layers), len(parts) * dim] in float16 on the CPU (so up to
         CACHE_BYTES of them never sit on an accelerator)."""
         lengths = dataset.lengths()
@@ -142,7 +147,7 @@ class LayerMatch:
         return terms
 
 
-def transfer_set(run, teacher, teacher_train: FeatureDataset) -> tuple[CustomDataset, torch.Tensor, torch.Tensor]:
+def transfer_set(run: Run, teacher, teacher_train: FeatureDataset) -> tuple[CustomDataset, torch.Tensor, torch.Tensor]:
     """What the student learns from: the training rows and, with --augment N, N perturbed copies of each
     (keydistill.augment); with the teacher's logits and sentence features for every one. A copy's hard label
     is the teacher's prediction (its class, or its score for regression)."""

@@ -8,6 +8,7 @@ student's decoder (stages.student), so both codebooks are made alike.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,8 +20,11 @@ from keydistill.train.evaluate import evaluator
 from keydistill.train.features import FeatureDataset, batches_on, collate_features, encode, progress_bar
 from keydistill.train.loop import Stage, fit, token_loss, trainable
 
+if TYPE_CHECKING:
+    from keydistill.train.context import Run
 
-def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
+
+def teacher_stage(run: Run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
     """The trained teacher and its cached encoder outputs on the training split."""
     cfg = run.cfg
     folder = cfg.out / "teacher"
@@ -69,7 +73,7 @@ def teacher_stage(run) -> tuple[BertWithKeyBottleneck, FeatureDataset]:
     return teacher, train_features
 
 
-def save_model(run, model, folder) -> None:
+def save_model(run: Run, model, folder) -> None:
     """A loadable model folder: weights, config with the task's label names, tokenizer (written by rank 0)."""
     if run.ranks.main:
         model.set_label_names(run.task.label_names)  # predictions name the task's classes (none for regression)
@@ -77,7 +81,7 @@ def save_model(run, model, folder) -> None:
         run.tokenizer.save_pretrained(folder)
 
 
-def fit_decoder(run, model, name: str, train: FeatureDataset, val: FeatureDataset) -> None:
+def fit_decoder(run: Run, model, name: str, train: FeatureDataset, val: FeatureDataset) -> None:
     """What follows a fixed encoder, fitted on its cached outputs: with a bottleneck, k-means keys and EMA
     passes, then values and head trained with the keys fixed; without one, the head alone."""
     cfg, bottleneck = run.cfg, model.bottleneck
@@ -114,7 +118,7 @@ def fit_decoder(run, model, name: str, train: FeatureDataset, val: FeatureDatase
 
 
 @torch.no_grad()
-def key_passes(run, bottleneck, train: FeatureDataset) -> None:
+def key_passes(run: Run, bottleneck, train: FeatureDataset) -> None:
     """EMA passes over the cached outputs. Data-parallel ranks each take a chunk of every global batch (an
     empty one too) and sum the codebook statistics before each step, as one process on the global batch."""
     bottleneck.train()
@@ -140,7 +144,7 @@ def key_pass_batches(lengths: list[int], size: int, seed: int, key_pass: int) ->
     return length_bucketed_batches(lengths, size, seed, key_pass)
 
 
-def init_keys(run, model, features: FeatureDataset) -> None:
+def init_keys(run: Run, model, features: FeatureDataset) -> None:
     """k-means keys from a seeded sample of encoder outputs (at most kmeans_samples vectors).
 
     The generator lives on the CPU whatever the device: the same seed then gives the same keys on a CPU and

@@ -1,8 +1,12 @@
 """The shared training loop: accumulation weighted like one large batch, no decay on biases and LayerNorm,
 and checkpoints that survive a kill between any two writes."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig
 
 from keydistill import checkpoint
@@ -10,8 +14,9 @@ from keydistill.bottleneck import BottleneckConfig
 from keydistill.losses import DistillationWeights, distillation_loss, hidden_state_loss, relation_loss
 from keydistill.models import BertWithKeyBottleneck
 from keydistill.train import distributed, parse_config, run_all
+from keydistill.train.checkpointer import checkpoint_due
 from keydistill.train.distributed import Dist
-from keydistill.train.loop import accumulation_weights, checkpoint_due, param_groups, token_scale
+from keydistill.train.loop import accumulation_weights, param_groups, token_scale
 from tests.helpers.train_fixtures import tiny_args
 
 
@@ -195,18 +200,8 @@ def test_a_run_writes_its_checkpoints_as_often_as_the_clock_says(tiny, teacher_d
     assert len(latest_writes) == (2 if seconds == "0" else steps)  # the last step of an epoch writes once
 
 
-def test_resuming_on_another_number_of_ranks_is_an_error(tiny, teacher_dir, tmp_path, monkeypatch):
-    """The epoch's batches are cut from the global batch (--batch-size x ranks): a checkpoint written on another
-    number of ranks would replay other examples when resumed, so it stops with a one-line error instead."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from keydistill.train import RunError
-
-    args = tiny_args(
-        tiny, tmp_path / "run", "--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2"
-    )
+def killed_after_the_students_first_checkpoint(args: list[str], monkeypatch) -> Path:
+    """Run args until the student's first latest checkpoint is written; its path."""
     real = checkpoint._replace_atomically
 
     def kill_after_the_students_first_checkpoint(path, write):
@@ -218,18 +213,50 @@ def test_resuming_on_another_number_of_ranks_is_an_error(tiny, teacher_dir, tmp_
     with pytest.raises(Killed):
         run_all(parse_config(args))
     monkeypatch.setattr(checkpoint, "_replace_atomically", real)
-    # as if written by two ranks of 2 examples each (this process cannot be two ranks)
-    latest = tmp_path / "run" / "checkpoints" / "student.latest.safetensors"
+    return Path(args[args.index("--output-dir") + 1]) / "checkpoints" / "student.latest.safetensors"
+
+
+def rewrite_state(latest: Path, change) -> None:
+    """Rewrite the training state a latest checkpoint records (change edits its dict), its tensors kept."""
     record = checkpoint.read_record(latest)
-    assert record["state"]["global_batch"] == 8
-    record["state"]["global_batch"] = 4
+    change(record["state"])
     save_file(load_file(str(latest)), str(latest), metadata={checkpoint._RECORD: json.dumps(record)})
+
+
+def test_resuming_on_another_number_of_ranks_is_an_error(tiny, teacher_dir, tmp_path, monkeypatch):
+    """The epoch's batches are cut from the global batch (--batch-size x ranks): a checkpoint written on another
+    number of ranks would replay other examples when resumed, so it stops with a one-line error instead."""
+    from keydistill.train import RunError
+
+    args = tiny_args(
+        tiny, tmp_path / "run", "--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2"
+    )
+    latest = killed_after_the_students_first_checkpoint(args, monkeypatch)
+    assert checkpoint.read_record(latest)["state"]["global_batch"] == 8
+    # as if written by two ranks of 2 examples each (this process cannot be two ranks)
+    rewrite_state(latest, lambda state: state.update(global_batch=4))
     with pytest.raises(
         RunError,
         match=r"student.latest.safetensors: written by a run of 4 examples per batch .* "
         r"resumed with 8",
     ):
         run_all(parse_config([*args, "--resume"]))
+
+
+def test_a_checkpoint_from_before_the_global_batch_was_kept_resumes_to_the_same_result(
+    tiny, teacher_dir, tmp_path, monkeypatch
+):
+    """A latest checkpoint whose training state lacks the global batch (an older one) resumes as today's does."""
+    args = ["--teacher-checkpoint", teacher_dir, "--epochs", "2", "--checkpoint-every", "2"]
+    whole = run_all(parse_config(tiny_args(tiny, tmp_path / "whole", *args)))
+    resumed_args = tiny_args(tiny, tmp_path / "older", *args)
+    latest = killed_after_the_students_first_checkpoint(resumed_args, monkeypatch)
+    rewrite_state(latest, lambda state: state.pop("global_batch"))
+    assert "global_batch" not in checkpoint.read_record(latest)["state"]
+    resumed = run_all(parse_config([*resumed_args, "--resume"]))
+    assert resumed["student"] == whole["student"]
+    assert resumed["curves"]["student"] == whole["curves"]["student"]
+    assert [e["val"] for e in resumed["history"]] == [e["val"] for e in whole["history"]]
 
 
 def test_weight_average_follows_the_weights_and_swaps_back(seed):
