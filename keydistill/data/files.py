@@ -80,10 +80,13 @@ class Table:
         """Where the column names are: line 1 of a TSV or CSV file."""
         return f"{self.path}:1" if FORMATS[Path(self.path).suffix.lower()] == "csv" else self.path
 
+    def line(self, row: int) -> int:
+        """The line of a 0-based data row (a header line precedes a TSV or CSV file's rows); Parquet: its row."""
+        return row + (2 if FORMATS[Path(self.path).suffix.lower()] == "csv" else 1)
+
     def where(self, row: int, column: str) -> str:
-        """file:line and column of a 0-based data row (a header line precedes a TSV or CSV file's rows)."""
-        kind = Path(self.path).suffix.lower()
-        place = f"row {row + 1}" if kind == ".parquet" else str(row + (2 if FORMATS[kind] == "csv" else 1))
+        """file:line and column of a 0-based data row."""
+        place = f"row {row + 1}" if self.path.lower().endswith(".parquet") else str(self.line(row))
         return f"{self.path}:{place}: column {column!r}"
 
     def require(self, names: Sequence[str], flag: str) -> None:
@@ -170,21 +173,23 @@ class Labels:
 
     regression: bool
     names: tuple[str, ...] = ()
-    group: str = "number"  # what the training labels are: numbers, names or booleans
+    group: str | None = "number"  # what the training labels are (numbers, names, booleans); None: any
     example: str = ""  # one training label and its line, for the message on a label of another kind
-    declared: bool = False  # the names came from --label-names
+    source: str = "the labels of the training file"  # where the names come from, for messages
 
     def parse(self, value, where: str) -> float | int:
         """The class index or score of a label value; DataError (a bad row) otherwise."""
         kind = label_kind(value)
         if kind is None:
             raise DataError(f"{where}: missing label")
-        if _GROUP[kind] != self.group:
+        if self.group is not None and _GROUP[kind] != self.group:
             raise DataError(
                 f"{where}: label {value!r} is a {_GROUP[kind]}, but the training labels are {self.group}s "
                 f"({self.example}): labels of mixed kinds"
             )
         if self.regression:
+            if kind not in ("int", "float"):
+                raise DataError(f"{where}: label {value!r} is not a number (a regression label)")
             score = float(value)
             # nan or inf would make the loss NaN and the correlations 0 without a word
             if not math.isfinite(score):
@@ -192,8 +197,7 @@ class Labels:
             return score
         name = class_name(value, kind)
         if name not in self.names:
-            known = "--label-names" if self.declared else "the labels of the training file"
-            raise DataError(f"{where}: label {name!r} is not among {known} {list(self.names)}")
+            raise DataError(f"{where}: label {name!r} is not among {self.source} {list(self.names)}")
         return self.names.index(name)
 
 
@@ -223,7 +227,7 @@ def infer_labels(table: Table, column: str, regression: bool, label_names: Seque
             raise DataError(f"--label-names {','.join(names)}: a name appears twice")
     else:
         names = tuple(sorted(found, key=int) if group == "number" else sorted(found))
-    return Labels(False, names, group, example, bool(label_names))
+    return Labels(False, names, group, example, "--label-names" if label_names else Labels.source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,13 +253,14 @@ def infer_text_columns(table: Table, label_column: str) -> tuple[str, ...]:
     )
 
 
-def read_examples(table: Table, text_columns: Sequence[str], label_column: str, labels: Labels, errors) -> list:
-    """The table's rows as Examples; a row with an empty text or a bad label is a bad row."""
+def read_examples(table: Table, text_columns: Sequence[str], label_column: str, labels: Labels | None, errors) -> list:
+    """The table's rows as Examples; a row with an empty text or a bad label is a bad row. labels=None reads
+    the texts only (labels None)."""
     examples = []
     for row in range(table.rows):
         try:
             texts = tuple(_text(table, row, c) for c in text_columns)
-            label = labels.parse(table.columns[label_column][row], table.where(row, label_column))
+            label = labels.parse(table.columns[label_column][row], table.where(row, label_column)) if labels else None
         except DataError as e:
             errors.bad_row(str(e))
             continue
@@ -336,3 +341,26 @@ def load_files(
     origin = f"val from {validation}" if validation else f"val held out of {train}{'' if val_size else ', ' + VAL_RULE}"
     origin += f"; test from {test}" if test else "; no test file: no test stage, validation is reported"
     return TaskData(task, train_rows, val, {"test": splits["test"]} if test else {}, errors.skipped, origin)
+
+
+def read_for_model(
+    path: str, label_names: Sequence[str], *, text_columns: Sequence[str] | None = None, label_column: str = "label"
+) -> tuple[FileTask, list[Example], list[int]]:
+    """A file to predict on (keydistill.predict): (its task as the model sees it, its examples, their lines).
+
+    The labels are read when the file has the label column, as the model's class ids by its label names
+    (label_names; one name, LABEL_0, is a regression model's score); a label the model does not have is an
+    error naming its line. No row is ever dropped."""
+    table = read_table(path)
+    if text_columns:
+        table.require(text_columns, "--text-columns")
+    text_columns = tuple(text_columns) if text_columns else infer_text_columns(table, label_column)
+    regression = len(label_names) <= 1
+    names = () if regression else tuple(label_names)
+    labels = (
+        Labels(regression, names, group=None, source="the model's labels") if label_column in table.columns else None
+    )
+    examples = read_examples(table, text_columns, label_column, labels, RowErrors(skip=False, hint=""))
+    metrics = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS + (("mcc",) if len(names) == 2 else ())
+    task = FileTask(Path(path).stem, text_columns, label_column if labels else "", names, metrics)
+    return task, examples, [table.line(row) for row in range(table.rows)]
