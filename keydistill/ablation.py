@@ -5,6 +5,7 @@ teacher (unless --teacher-checkpoint is given); the others reuse it, so the thre
 same teacher. Any keydistill.train flag may follow, e.g.
 
     python -m keydistill.ablation --data-dir ../shared/data/glue --output-dir runs/ablation --eval-every 25
+    python -m keydistill.ablation --train-file train.csv --test-file test.csv    # your own data
 
 Writes <output-dir>/ablation.md and ablation.json and prints the table: test metric, best validation
 metric, optimizer steps to the best validation, and teacher-student key agreement on test.
@@ -16,7 +17,6 @@ import dataclasses
 import sys
 
 from keydistill.checkpoint import write_json
-from keydistill.data import get_task
 from keydistill.train import TrainConfig, build_parser, parse_config, run_all, run_cli
 from keydistill.train.config import explicit_flags
 
@@ -37,16 +37,20 @@ key-less head also reads a detached encoder output), and each starts from a deco
 """
 
 
-def ablation_row(keys: str, metrics: dict, metric: str) -> dict:
+def ablation_row(keys: str, metrics: dict) -> dict:
+    """One variant's row. The metric is the task's first (the order of the run's scores); the split is test,
+    or val for own data without a test file."""
+    split = "test" if "test" in metrics["student"] else "val"
+    metric = next(iter(metrics["student"][split]))
     best_val = max((e["val"][metric] for e in metrics["history"] if e["stage"] == "student"), default=None)
     return {
         "keys": keys,
-        f"test {metric}": metrics["student"]["test"][metric],
+        f"{split} {metric}": metrics["student"][split][metric],
         f"best val {metric}": best_val,
         "steps to best val": metrics["steps_to_best_val"],
         "key agreement": metrics["codebook"]["key_agreement"],
         "agreement measured": metrics["codebook"]["key_agreement_kind"],
-        f"teacher test {metric}": metrics["teacher"]["test"][metric],
+        f"teacher {split} {metric}": metrics["teacher"][split][metric],
     }
 
 
@@ -61,14 +65,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run_ablation(base: TrainConfig) -> list[dict]:
-    metric = get_task(base.task).metrics[0]
     root = base.out
     rows, teacher = [], base.teacher_checkpoint
     for keys in VARIANTS:
         cfg = dataclasses.replace(base, keys=keys, teacher_checkpoint=teacher, output_dir=str(root / f"keys_{keys}"))
         metrics = run_all(cfg)
         teacher = teacher or str(cfg.out / "teacher")
-        rows.append(ablation_row(keys, metrics, metric))
+        rows.append(ablation_row(keys, metrics))
     table = markdown_table(rows)
     (root / "ablation.md").write_text(table + "\n\n" + VARIANT_NOTES)
     write_json(root / "ablation.json", rows)
