@@ -114,6 +114,8 @@ def read_table(path: str) -> Table:
             table = datasets.load_dataset(loader, data_files=path, split="train", cache_dir=cache, **options)
             columns = table.to_dict()
     except Exception as e:  # the loaders raise many types (pyarrow, pandas, datasets); each is bad input here
+        if _holds_no_rows(path, loader):  # `datasets` fails on a file with no rows instead of returning none
+            raise DataError(f"{path}: no rows") from None
         message = " ".join(str(e).split()) or type(e).__name__
         raise DataError(f"{path}: cannot be read as {Path(path).suffix} ({message})") from None
     finally:
@@ -123,6 +125,15 @@ def read_table(path: str) -> Table:
     if not result.rows:
         raise DataError(f"{path}: no rows")
     return result
+
+
+def _holds_no_rows(path: str, loader: str) -> bool:
+    """A text file with no line past its header (TSV, CSV) or none at all (JSON lines)."""
+    if loader == "parquet":
+        return False
+    with open(path, "rb") as f:
+        lines = sum(1 for line in f if line.strip())
+    return lines <= (1 if loader == "csv" else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
