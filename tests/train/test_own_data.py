@@ -236,3 +236,32 @@ def test_a_glue_task_and_own_files_exclude_each_other(tiny, tmp_path, capsys):
     assert (
         raised.value.code == 2 and "--task names a GLUE task and --train-file your own data" in capsys.readouterr().err
     )
+
+
+def test_readme_custom_dataset_to_a_dataloader_and_the_models(tiny):
+    """The README's snippet: a user's own (text, label) rows -> CustomDataset -> DataLoader -> teacher, student."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer
+
+    from keydistill.bottleneck import BottleneckConfig
+    from keydistill.data import Collator, CustomDataset
+    from keydistill.models import BertWithKeyBottleneck, student_from_teacher
+
+    rows = [("good fun film", "positive"), ("dull boring plot", "negative"), ("superb acting", "positive")]
+    names = sorted({label for _, label in rows})
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "model"))
+    dataset = CustomDataset([(text, names.index(label)) for text, label in rows], tokenizer, max_length=64)
+    loader = DataLoader(dataset, batch_size=2, shuffle=True, collate_fn=Collator(tokenizer.pad_token_id))
+    teacher = BertWithKeyBottleneck.from_pretrained(
+        str(tiny / "model"), num_labels=len(names), bottleneck=BottleneckConfig(num_heads=4, num_keys=8)
+    )
+    teacher.set_label_names(names)
+    student = student_from_teacher(teacher)
+    seen = 0
+    for batch in loader:
+        batch.pop("index")  # the example's position (keydistill.train keys its caches by it)
+        for model in (teacher, student):
+            out = model(**batch)
+            assert out.logits.shape == (len(batch["labels"]), 2) and out.loss.isfinite()
+        seen += len(batch["labels"])
+    assert seen == 3 and student.label_names == ("negative", "positive")
