@@ -60,12 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-columns",
         default=None,
         help="one or two comma-separated text columns of a CSV, JSON lines, Parquet or TSV file; "
-        "default: those besides the label",
+        "none: those besides the label",
     )
     parser.add_argument(
         "--label-column",
         default=None,
-        help="the gold label column of such a file, scored when present (default: label)",
+        help="the gold label column of such a file, scored when present; none: label",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     parser.add_argument(
