@@ -42,7 +42,6 @@ class FileTask:
     label_names: tuple[str, ...]  # the classes in class-index order; empty for regression
     metrics: tuple[str, ...]  # the first one selects the best checkpoint
     test_splits: tuple[str, ...] = ("test",)  # () without a test file
-    recipe: tuple = ()  # own data runs on the library's defaults
 
     @property
     def num_labels(self) -> int:
@@ -288,6 +287,13 @@ def _text(table: Table, row: int, column: str) -> str:
     return str(value)
 
 
+def task_metrics(label_names: Sequence[str]) -> tuple[str, ...]:
+    """Pearson and Spearman for a regression task (no names); accuracy and macro-F1, and MCC for two classes."""
+    if not label_names:
+        return REGRESSION_METRICS
+    return CLASSIFICATION_METRICS + (("mcc",) if len(label_names) == 2 else ())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loader
 # ----------------------------------------------------------------------------------------------------------
@@ -339,9 +345,7 @@ def load_files(
         text_columns,
         label_column,
         labels.names,
-        REGRESSION_METRICS
-        if labels.regression
-        else CLASSIFICATION_METRICS + (("mcc",) if len(labels.names) == 2 else ()),
+        task_metrics(labels.names),
         ("test",) if test else (),
     )
     if validation:
@@ -372,6 +376,5 @@ def read_for_model(
         Labels(regression, names, group=None, source="the model's labels") if label_column in table.columns else None
     )
     examples = read_examples(table, text_columns, label_column, labels, RowErrors(skip=False, hint=""))
-    metrics = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS + (("mcc",) if len(names) == 2 else ())
-    task = FileTask(Path(path).stem, text_columns, label_column if labels else "", names, metrics)
+    task = FileTask(Path(path).stem, text_columns, label_column if labels else "", names, task_metrics(names))
     return task, examples, [table.line(row) for row in range(table.rows)]
