@@ -1,9 +1,10 @@
 """`python -m keydistill.predict FOLDER --input FILE|-`: predict every line of a file and write a TSV.
 
-Reads one text, or a tab-separated pair, per line (or a GLUE TSV file by its task's columns:
-keydistill.predict.inputs) and writes a TSV of predictions. A bad input line is an error naming file:line;
-no line is ever dropped. A labelled GLUE file is scored only when the model's label names are its task's (a
-model's class ids mean nothing under another task's labels). Every mistake a user can make is one line
+Reads one text, or a tab-separated pair, per line (or a GLUE TSV file by its task's columns, or a CSV, JSON
+lines or Parquet file by its columns: keydistill.predict.inputs) and writes a TSV of predictions. A bad input
+line is an error naming file:line; no line is ever dropped. A labelled GLUE file is scored only when the
+model's label names are its task's (a model's class ids mean nothing under another task's labels); a file
+read by its columns is scored under the model's own label names. Every mistake a user can make is one line
 `error: ...` and exit status 2.
 """
 
