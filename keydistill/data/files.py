@@ -105,8 +105,9 @@ def read_table(path: str) -> Table:
         options = {"na_filter": False}
         if path.lower().endswith(".tsv"):  # the GLUE format: tab-separated, no quoting
             options.update(sep="\t", quoting=csv.QUOTE_NONE)
-    bars = not datasets.utils.are_progress_bars_disabled()
+    bars, verbosity = not datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is our one-line error, not its log
     try:
         # A private cache per read: a file rewritten in place is never answered from a stale cache.
         with tempfile.TemporaryDirectory() as cache:
@@ -115,15 +116,22 @@ def read_table(path: str) -> Table:
     except Exception as e:  # the loaders raise many types (pyarrow, pandas, datasets); each is bad input here
         if _holds_no_rows(path, loader):  # `datasets` fails on a file with no rows instead of returning none
             raise DataError(f"{path}: no rows") from None
-        message = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path}: cannot be read as {Path(path).suffix} ({message})") from None
+        raise DataError(f"{path}: cannot be read as {Path(path).suffix} ({_root_cause(e)})") from None
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
     result = Table(path, columns)
     if not result.rows:
         raise DataError(f"{path}: no rows")
     return result
+
+
+def _root_cause(error: BaseException) -> str:
+    """The error behind an error, on one line: `datasets` wraps the parser's own message in a general one."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _holds_no_rows(path: str, loader: str) -> bool:

@@ -160,6 +160,12 @@ def bad_case(tmp_path, case):
     if case == "empty file":
         (t / "t.jsonl").write_text("")
         return {"train": str(t / "t.jsonl")}, "t.jsonl: no rows"
+    if case == "broken json":
+        (t / "t.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"\n')
+        return {"train": str(t / "t.jsonl")}, "t.jsonl: cannot be read as .jsonl (JSON parse error: Missing a comma"
+    if case == "extra field":
+        (t / "t.csv").write_text("text,label\ngood,pos\nbad,neg,3\n")
+        return {"train": str(t / "t.csv")}, "t.csv: cannot be read as .csv (Error tokenizing data. C error: Expected 2"
     if case == "which text columns":
         rows = [(s, s, s, y) for s, y in good]
         path = csv("t.csv", rows, ("a", "b", "c", "label"))
@@ -180,6 +186,8 @@ BAD_CASES = [
     "mixed kinds",
     "no rows",
     "empty file",
+    "broken json",
+    "extra field",
     "which text columns",
 ]
 
