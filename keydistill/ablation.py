@@ -6,6 +6,7 @@ distil from the same teacher. Any keydistill.train flag may follow, e.g.
 
     python -m keydistill.ablation --data-dir ../shared/data/glue --output-dir runs/ablation --eval-every 25
     python -m keydistill.ablation --data-dir ../shared/data/glue --task rte --train-sizes 500,2000,all --seeds 3
+    python -m keydistill.ablation --train-file train.csv --test-file test.csv    # your own data
 
 --train-sizes and --seeds make a grid: one cell per training size and seed (teacher and students trained on
 the same rows), in <output-dir>/rows_<n>/seed_<s>/keys_<variant>. A finished cell is reused on a re-run and an
@@ -13,6 +14,7 @@ interrupted one continues, as in the GLUE runner.
 
 Writes <output-dir>/ablation.md, ablation.json and ablation.png: per training size, each variant's test metric
 (mean ± sd over the seeds, each seed's figure in the JSON), the teacher's, and teacher-student key agreement.
+The metric is the task's first; own data without a test file reports validation.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keydistill.checkpoint import write_json
-from keydistill.data import get_task, load_task
 from keydistill.glue import finished
 from keydistill.seeds import aggregate, shown
 from keydistill.train import ConfigError, TrainConfig, build_parser, parse_config, run_all, run_cli
 from keydistill.train.config import changed_settings, explicit_flags
+from keydistill.train.context import load_data
 
 VARIANTS = ("carry", "fresh", "none")
 
@@ -81,14 +83,12 @@ def check_sizes(base: TrainConfig, sizes: list[int | None]) -> None:
     counted = [n for n in sizes if n is not None]
     if not counted:
         return
-    data = load_task(
-        get_task(base.task), base.data_dir, val_size=base.val_size, seed=base.seed, skip_bad_rows=base.skip_bad_rows
-    )
+    data = load_data(dataclasses.replace(base, max_train_samples=None))
     too_large = [n for n in counted if n > len(data.train)]
     if too_large:
         raise ConfigError(
             f"--train-sizes: {', '.join(map(str, too_large))} is more than the {len(data.train)} training rows "
-            f"{base.task} has after its validation slice (use 'all' for every row)"
+            f"{data.task.name} has after its validation slice (use 'all' for every row)"
         )
 
 
@@ -118,21 +118,35 @@ def continued(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, resume=cfg.resume and same)
 
 
-def ablation_row(keys: str, metrics: dict, metric: str) -> dict:
+def reported(metrics: dict) -> str:
+    """The figure a run is judged by: "<split> <metric>", the task's first metric on test (validation for own
+    data without a test file)."""
+    split = "test" if "test" in metrics["student"] else "val"
+    return f"{split} {next(iter(metrics['student'][split]))}"
+
+
+def ablation_row(keys: str, metrics: dict) -> dict:
+    figure = reported(metrics)
+    split, metric = figure.split(" ", 1)
     best_val = max((e["val"][metric] for e in metrics["history"] if e["stage"] == "student"), default=None)
     return {
         "keys": keys,
-        f"test {metric}": metrics["student"]["test"][metric],
+        figure: metrics["student"][split][metric],
         f"best val {metric}": best_val,
         "steps to best val": metrics["steps_to_best_val"],
         "key agreement": metrics["codebook"]["key_agreement"],
         "agreement measured": metrics["codebook"]["key_agreement_kind"],
-        f"teacher test {metric}": metrics["teacher"]["test"][metric],
+        f"teacher {figure}": metrics["teacher"][split][metric],
         "train rows": metrics["rows"]["train"],
     }
 
 
-def run_cell(cfgs: list[TrainConfig], metric: str, label: str) -> list[dict]:
+def reported_of(rows: list[dict]) -> str:
+    """The figure the rows report (ablation_row's first key after "keys")."""
+    return list(rows[0])[1]
+
+
+def run_cell(cfgs: list[TrainConfig], label: str) -> list[dict]:
     rows = []
     for cfg in cfgs:
         metrics = finished(cfg)
@@ -142,7 +156,7 @@ def run_cell(cfgs: list[TrainConfig], metric: str, label: str) -> list[dict]:
             resumed = " (resumed)" if cfg.resume else ""
             print(f"{label} keys={cfg.keys}: teacher -> student -> test in {cfg.out}{resumed}", flush=True)
             metrics = run_all(cfg)
-        rows.append({**ablation_row(cfg.keys, metrics, metric), "seed": cfg.seed, "size": cfg.max_train_samples})
+        rows.append({**ablation_row(cfg.keys, metrics), "seed": cfg.seed, "size": cfg.max_train_samples})
     return rows
 
 
@@ -151,22 +165,22 @@ def run_cell(cfgs: list[TrainConfig], metric: str, label: str) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def summarise(cells: list[dict], metric: str) -> list[dict]:
+def summarise(cells: list[dict], figure: str) -> list[dict]:
     """One entry per training size and variant: the test metric, the teacher's and the key agreement,
     aggregated over the seeds."""
     out = []
     for size in dict.fromkeys(row["size"] for row in cells):
         for keys in VARIANTS:
             runs = [row for row in cells if row["size"] == size and row["keys"] == keys]
-            stats = aggregate(runs, (f"test {metric}", f"teacher test {metric}", "key agreement", "train rows"))
+            stats = aggregate(runs, (figure, f"teacher {figure}", "key agreement", "train rows"))
             out.append({"size": size, "keys": keys, "seeds": [row["seed"] for row in runs], **stats})
     return out
 
 
-def markdown(summary: list[dict], metric: str, what_varies: str) -> str:
+def markdown(summary: list[dict], figure: str, what_varies: str) -> str:
     lines = [
-        f"| training rows | teacher test {metric} | "
-        + " | ".join(f"{k} test {metric}" for k in VARIANTS)
+        f"| training rows | teacher {figure} | "
+        + " | ".join(f"{k} {figure}" for k in VARIANTS)
         + " | key agreement carry | key agreement fresh |",
         "|" + "---|" * (len(VARIANTS) + 4),
     ]
@@ -174,8 +188,8 @@ def markdown(summary: list[dict], metric: str, what_varies: str) -> str:
         by_keys = {s["keys"]: s for s in summary if s["size"] == size}
         rows = by_keys["carry"]["train rows"]["mean"]
         lines.append(
-            f"| {rows:.0f} | {shown(by_keys['carry'][f'teacher test {metric}'])} | "
-            + " | ".join(shown(by_keys[k][f"test {metric}"]) for k in VARIANTS)
+            f"| {rows:.0f} | {shown(by_keys['carry'][f'teacher {figure}'])} | "
+            + " | ".join(shown(by_keys[k][figure]) for k in VARIANTS)
             + f" | {shown(by_keys['carry']['key agreement'])} | {shown(by_keys['fresh']['key agreement'])} |"
         )
     return "\n".join(lines) + f"\n\nFigures in points: the mean ± the standard deviation over seeds. {what_varies}\n"
@@ -191,28 +205,28 @@ def cell_table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], metric: str, path: Path) -> None:
+def plot(summary: list[dict], figure: str, path: Path) -> None:
     from keydistill.report import plt
 
     fig, (score, agreement) = plt.subplots(1, 2, figsize=(11, 4))
     for keys in VARIANTS:
         points = [s for s in summary if s["keys"] == keys]
         x = [s["train rows"]["mean"] for s in points]
-        for ax, name, scale in ((score, f"test {metric}", 100), (agreement, "key agreement", 100)):
+        for ax, name, scale in ((score, figure, 100), (agreement, "key agreement", 100)):
             if all(s[name] for s in points):
                 y = [scale * s[name]["mean"] for s in points]
                 ax.errorbar(x, y, yerr=[scale * s[name]["sd"] for s in points], marker="o", capsize=3, label=keys)
     teacher = [s for s in summary if s["keys"] == "carry"]
     score.errorbar(
         [s["train rows"]["mean"] for s in teacher],
-        [100 * s[f"teacher test {metric}"]["mean"] for s in teacher],
-        yerr=[100 * s[f"teacher test {metric}"]["sd"] for s in teacher],
+        [100 * s[f"teacher {figure}"]["mean"] for s in teacher],
+        yerr=[100 * s[f"teacher {figure}"]["sd"] for s in teacher],
         color="black",
         linestyle="--",
         capsize=3,
         label="teacher",
     )
-    score.set(xscale="log", xlabel="training rows", ylabel=f"test {metric} (points)", title="student by its keys")
+    score.set(xscale="log", xlabel="training rows", ylabel=f"{figure} (points)", title="student by its keys")
     agreement.set(xscale="log", xlabel="training rows", ylabel="key agreement (%)", title="keys the student shares")
     for ax in (score, agreement):
         ax.legend(fontsize=8)
@@ -227,25 +241,25 @@ def plot(summary: list[dict], metric: str, path: Path) -> None:
 
 
 def run_ablation(base: TrainConfig, sizes: list[int | None] | None = None, seeds: int = 1) -> dict:
-    metric = get_task(base.task).metrics[0]
     root, grid = base.out, sizes is not None or seeds > 1
     grid_cells = [Cell(size, base.seed + i) for size in (sizes or [base.max_train_samples]) for i in range(seeds)]
     rows = []
     for i, cell in enumerate(grid_cells, start=1):
         label = f"[{i}/{len(grid_cells)}] rows={cell.rows or 'all'} seed={cell.seed}"
-        rows += run_cell(cell_configs(base, cell, cell.folder(root, grid), grid), metric, label)
-    summary = summarise(rows, metric)
+        rows += run_cell(cell_configs(base, cell, cell.folder(root, grid), grid), label)
+    figure = reported_of(rows)
+    summary = summarise(rows, figure)
     what_varies = (
         "The teacher is fixed (--teacher-checkpoint): the seeds vary the students only."
         if base.teacher_checkpoint
         else "Each seed trains its own teacher (shared by its three students) on its own validation slice."
     )
-    table = markdown(summary, metric, what_varies)
+    table = markdown(summary, figure, what_varies)
     (root / "ablation.md").write_text(table + "\n" + cell_table(rows) + "\n\n" + VARIANT_NOTES)
     write_json(
-        root / "ablation.json", {"metric": metric, "what_varies": what_varies, "cells": rows, "summary": summary}
+        root / "ablation.json", {"figure": figure, "what_varies": what_varies, "cells": rows, "summary": summary}
     )
-    plot(summary, metric, root / "ablation.png")
+    plot(summary, figure, root / "ablation.png")
     print(table)
     print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}, {root / 'ablation.png'}")
     return {"cells": rows, "summary": summary}

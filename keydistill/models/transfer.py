@@ -85,7 +85,8 @@ def student_from_teacher(
 ) -> DistilBertWithKeyBottleneck:
     """A student with the teacher's embeddings and `layers` (default every other layer), the teacher's
     bottleneck values, projection and head, and (carry=True) the teacher's keys and EMA state, all set
-    before any student forward. It lives on the teacher's device, in the teacher's train/eval mode.
+    before any student forward, and the teacher's label names. It lives on the teacher's device, in the
+    teacher's train/eval mode.
 
     with_bottleneck=False builds the plain-head student of the no-bottleneck ablation (encoder transferred,
     head new); carry must then be False. bottleneck_overrides sets the student's own training fields of the
@@ -105,7 +106,8 @@ def student_from_teacher(
         raise ValueError("carry=True needs a bottleneck on both teacher and student")
     config = student_config_from_teacher(teacher.config, num_layers=len(layers))
     device = next(teacher.parameters()).device
-    student = DistilBertWithKeyBottleneck(config, bottleneck, teacher.num_labels).to(device)
+    names = teacher.label_names if teacher.num_labels > 1 else None  # the student answers in the teacher's classes
+    student = DistilBertWithKeyBottleneck(config, bottleneck, teacher.num_labels, label_names=names).to(device)
     transfer_weights(teacher, student, layers)
     if carry:
         carry_keys(teacher, student)

@@ -1,9 +1,10 @@
 """`python -m keydistill.predict FOLDER --input FILE|-`: predict every line of a file and write a TSV.
 
-Reads one text, or a tab-separated pair, per line (or a GLUE TSV file by its task's columns:
-keydistill.predict.inputs) and writes a TSV of predictions. A bad input line is an error naming file:line;
-no line is ever dropped. A labelled GLUE file is scored only when the model's label names are its task's (a
-model's class ids mean nothing under another task's labels). Every mistake a user can make is one line
+Reads one text, or a tab-separated pair, per line (or a GLUE TSV file by its task's columns, or a CSV, JSON
+lines or Parquet file by its columns: keydistill.predict.inputs) and writes a TSV of predictions. A bad input
+line is an error naming file:line; no line is ever dropped. A labelled GLUE file is scored only when the
+model's label names are its task's (a model's class ids mean nothing under another task's labels); a file
+read by its columns is scored under the model's own label names. Every mistake a user can make is one line
 `error: ...` and exit status 2.
 """
 
@@ -56,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--task", choices=tuple(TASKS), help="read the input as this GLUE task's TSV file (its columns)"
     )
+    parser.add_argument(
+        "--text-columns",
+        default=None,
+        help="one or two comma-separated text columns of a CSV, JSON lines, Parquet or TSV file; "
+        "none: those besides the label",
+    )
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        help="the gold label column of such a file, scored when present; none: label",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     parser.add_argument(
         "--max-length", type=int, default=None, help="tokens per example after truncation; default: the model's limit"
@@ -79,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail(str(e))
     try:
-        rows = read_inputs(args.input, args.task, args.format, _saved_label_names(args.model))
+        rows = read_inputs(
+            args.input,
+            args.task,
+            args.format,
+            _saved_label_names(args.model),
+            text_columns=[c.strip() for c in args.text_columns.split(",")] if args.text_columns else None,
+            label_column=args.label_column,
+        )
     except DataError as e:
         return fail(str(e))
     try:
@@ -94,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                 "(its max_position_embeddings)"
             )
         predictor.max_length = args.max_length
-    predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.keys)
     regression = predictor.model.is_regression
+    print(
+        f"{args.model}: "
+        + ("a regression score" if regression else "labels " + ", ".join(predictor.model.label_names)),
+        file=sys.stderr,
+    )
+    predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.keys)
     if args.output == "-":
         try:
             write_predictions(sys.stdout, rows, predictions, regression, args.keys)

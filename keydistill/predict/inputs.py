@@ -1,6 +1,8 @@
-"""What `python -m keydistill.predict` reads: one text, or a tab-separated pair, per line, or a GLUE TSV file
-by its task's columns (told apart by its header, and by the model's label names where tasks share one). A
-bad input line is an error naming file:line; no line is ever dropped."""
+"""What `python -m keydistill.predict` reads: one text, or a tab-separated pair, per line; a GLUE TSV file by
+its task's columns (told apart by its header, and by the model's label names where tasks share one); or a
+CSV, JSON lines or Parquet file (a TSV file too, given --text-columns or --label-column) by its columns, as
+training reads them (keydistill.data.files). A bad input line is an error naming file:line; no line is ever
+dropped."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
-from keydistill.data import TASKS, DataError, GlueTask, _RowErrors, decode_line, get_task, read_glue_tsv
+from keydistill.data import TASKS, DataError, FileTask, GlueTask, RowErrors, decode_line, get_task, read_glue_tsv
+from keydistill.data.files import FORMATS, read_for_model
 
 MAX_REPORTED_ERRORS = 20
 
@@ -19,8 +22,8 @@ MAX_REPORTED_ERRORS = 20
 class InputRows:
     texts: list[tuple[str, ...]]
     lines: list[int]  # the line of each row in its file
-    labels: list | None = None  # gold labels (class indices or scores), when a GLUE file has them
-    task: GlueTask | None = None  # the GLUE task whose columns were read
+    labels: list | None = None  # gold labels (class indices or scores), when the file has them
+    task: GlueTask | FileTask | None = None  # the GLUE task whose columns were read, or the file's own
 
 
 def read_plain(path: str, name: str) -> InputRows:
@@ -79,6 +82,8 @@ def labels_fit(task: GlueTask, label_names: Sequence[str]) -> bool:
     names (keydistill.data.LABEL_NAMES, what training saves) or its label strings; a regression model
     (no names, or the LABEL_0 of one output) fits a regression task."""
     names = tuple(label_names)
+    if isinstance(task, FileTask):  # read by the model's own label names
+        return task.label_names == (() if len(names) <= 1 else names)
     if task.is_regression:
         return names in ((), ("LABEL_0",))
     return names in (task.label_names, task.label_values)
@@ -87,7 +92,7 @@ def labels_fit(task: GlueTask, label_names: Sequence[str]) -> bool:
 def read_glue(task: GlueTask, path: str, labelled: bool) -> InputRows:
     """A GLUE TSV file read by its task's columns (keydistill.data.read_glue_tsv), labels when asked."""
     # predict has no --skip-bad-rows: the error does not suggest it
-    examples = read_glue_tsv(task, path, _RowErrors(skip=False, hint=""), labelled=labelled)
+    examples = read_glue_tsv(task, path, RowErrors(skip=False, hint=""), labelled=labelled)
     first = 1 if task.headerless_columns is not None else 2  # read_glue_tsv keeps every data line, or raises
     return InputRows(
         [e.texts for e in examples],
@@ -98,13 +103,23 @@ def read_glue(task: GlueTask, path: str, labelled: bool) -> InputRows:
 
 
 def read_inputs(
-    source: str, task_name: str | None = None, fmt: str = "auto", label_names: Sequence[str] | None = None
+    source: str,
+    task_name: str | None = None,
+    fmt: str = "auto",
+    label_names: Sequence[str] | None = None,
+    *,
+    text_columns: Sequence[str] | None = None,
+    label_column: str | None = None,
 ) -> InputRows:
     """Rows to predict from a file, or "-" for stdin, in the given format (auto, plain or glue).
-    label_names (the model's) tell apart the GLUE tasks that share a header (detect_task)."""
+    label_names (the model's) tell apart the GLUE tasks that share a header (detect_task), and map a CSV, JSON
+    lines or Parquet file's labels to the model's classes; text_columns and label_column name such a file's
+    columns (by default: the one or two text columns besides "label")."""
     if source != "-":
         if not os.path.isfile(source):
             raise DataError(f"{source}: file not found")
+        if _read_by_columns(source, fmt, text_columns, label_column):
+            return read_columns(source, label_names or (), text_columns, label_column or "label")
         return _read_file(source, source, task_name, fmt, label_names)
     with tempfile.NamedTemporaryFile(suffix=".tsv") as tmp:  # stdin, kept so the GLUE reader can open it
         tmp.write(sys.stdin.buffer.read())
@@ -113,6 +128,28 @@ def read_inputs(
             return _read_file(tmp.name, "<stdin>", task_name, fmt, label_names)
         except DataError as e:
             raise DataError(str(e).replace(tmp.name, "<stdin>")) from None
+
+
+def _read_by_columns(path: str, fmt: str, text_columns, label_column) -> bool:
+    """Whether a file is read by its columns: a CSV, JSON lines or Parquet file, or a TSV file whose columns
+    are named (a TSV file otherwise is a GLUE file or plain lines)."""
+    extension = os.path.splitext(path)[1].lower()
+    if fmt == "plain" or extension not in FORMATS:
+        return False
+    return extension != ".tsv" or bool(text_columns or label_column)
+
+
+def read_columns(
+    path: str, label_names: Sequence[str], text_columns: Sequence[str] | None, label_column: str
+) -> InputRows:
+    """A file read by its columns, as training reads it; its labels (when it has the label column) as the
+    model's classes."""
+    task, examples, lines = read_for_model(path, label_names, text_columns=text_columns, label_column=label_column)
+    labelled = bool(task.label_column)
+    what = f"labels {task.label_column}" if labelled else f"no labels (no column {label_column!r})"
+    print(f"reading {path} by its columns: texts {', '.join(task.text_columns)}, {what}", file=sys.stderr)
+    labels = [e.label for e in examples] if labelled else None
+    return InputRows([e.texts for e in examples], lines, labels, task if labelled else None)
 
 
 def _read_file(

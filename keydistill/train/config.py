@@ -74,6 +74,15 @@ class TrainConfig:
     max_eval_samples: int | None = option(None, "cap on validation and test rows; none: all")
     max_length: int = option(64, "tokens per example after truncation")
     skip_bad_rows: bool = option(False, "drop malformed data rows (their count is reported) instead of failing")
+    # Your own data instead of a GLUE task (keydistill.data.files); runs on these defaults, no task recipe.
+    train_file: str | None = option(None, "your own training file (.tsv, .csv, .json, .jsonl or .parquet)")
+    validation_file: str | None = option(None, "your own validation file; none: a seeded slice of --train-file")
+    test_file: str | None = option(None, "your own test file; none: no test stage (validation is reported)")
+    text_columns: str | None = option(None, "one or two comma-separated text columns; none: those besides the label")
+    label_column: str = option("label", "the label column of your own files")
+    label_names: str | None = option(None, "your classes in class-index order, comma-separated; none: sorted")
+    regression: bool = option(False, "your labels are scores (regression), even integers")
+    task_name: str | None = option(None, "names your own data's run (runs/<task-name>); none: the training file's stem")
     # ---- models ----
     teacher: str = option(
         packaged_minilm() or "bert-base-uncased",
@@ -203,7 +212,14 @@ class TrainConfig:
 
     @property
     def out(self) -> Path:
-        return Path(self.output_dir.format(task=self.task))
+        return Path(self.output_dir.format(task=self.run_name))
+
+    @property
+    def run_name(self) -> str:
+        """What {task} in --output-dir stands for: the GLUE task, or the name of your own data."""
+        if not self.train_file:
+            return self.task
+        return self.task_name or Path(self.train_file).stem
 
     def bottleneck_fields(self, width: int | None = None) -> dict:
         """The new teacher's bottleneck identity: preset, then explicit flags, then defaults.
@@ -316,8 +332,11 @@ def parse_config(argv: list[str] | None = None, parser: argparse.ArgumentParser 
     preset's (PRESET_RECIPES), then the flags."""
     parser = parser or build_parser()
     settings = vars(parser.parse_args(argv))
-    recipe = dict(TASKS[settings["task"]].recipe + PRESET_RECIPES[settings["bottleneck"]])
     explicit = explicit_flags(parser, argv)
+    if settings["train_file"] and "task" in explicit:
+        parser.error("--task names a GLUE task and --train-file your own data: give one")
+    task_recipe = () if settings["train_file"] else TASKS[settings["task"]].recipe  # own data: the defaults
+    recipe = dict(task_recipe + PRESET_RECIPES[settings["bottleneck"]])
     settings.update({k: v for k, v in recipe.items() if k not in explicit})
     if settings["soft_temperature"] is None and "straight_through" not in explicit:
         settings["straight_through"] = False  # a recipe's straight-through rides on the soft assignment it sets
@@ -409,6 +428,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _encoder_gradient_problems(cfg)
     problems += _student_layer_problems(cfg.student_layers)
     problems += _device_problems(cfg.device)
+    problems += _own_data_problems(cfg)
     if not problems and not cfg.teacher_checkpoint:
         try:
             cfg.teacher_bottleneck()
@@ -438,6 +458,34 @@ def _encoder_gradient_problems(cfg: TrainConfig) -> list[str]:
         f"weights are 0 (raise --feature-weight{'' if cfg.keys == 'none' else ' or --commitment-weight'}, or "
         "give --soft-temperature)"
     ]
+
+
+OWN_DATA = ("validation_file", "test_file", "text_columns", "label_names", "regression", "task_name")
+
+
+def _own_data_problems(cfg: TrainConfig) -> list[str]:
+    """The own-data flags: each needs --train-file, which excludes GLUE's --data-dir."""
+    if not cfg.train_file:
+        given = [flag_of(f) for f in OWN_DATA if getattr(cfg, f)] + (
+            ["--label-column"] if cfg.label_column != "label" else []
+        )
+        return [f"{', '.join(given)}: your own data needs --train-file"] if given else []
+    problems = []
+    if cfg.data_dir:
+        problems.append("--data-dir holds GLUE tasks and --train-file your own data: give one")
+    if cfg.validation_file and cfg.val_size is not None:
+        problems.append("--val-size holds rows out of --train-file, but --validation-file gives the validation split")
+    if cfg.regression and cfg.label_names:
+        problems.append("--label-names names classes, but --regression makes the labels scores")
+    columns = (cfg.text_columns or "x").split(",")
+    if len(columns) > 2 or not all(c.strip() for c in columns):
+        problems.append(
+            f"--text-columns must name one or two columns, e.g. premise,hypothesis, got {cfg.text_columns!r}"
+        )
+    names = (cfg.label_names or "x,y").split(",")
+    if len(names) < 2 or not all(n.strip() for n in names):
+        problems.append(f"--label-names must name two classes or more, e.g. negative,positive, got {cfg.label_names!r}")
+    return problems
 
 
 def _student_layer_problems(text: str | None) -> list[str]:

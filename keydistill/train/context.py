@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig
 
 from keydistill.bottleneck import BottleneckConfig
 from keydistill.checkpoint import write_json
-from keydistill.data import CustomDataset, GlueTask, get_task, load_task
+from keydistill.data import CustomDataset, FileTask, GlueTask, TaskData, get_task, load_files, load_task
 from keydistill.models.classifiers import has_tokenizer, is_checkpoint, read_checkpoint_config
 from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
@@ -42,7 +42,7 @@ RUN_OUTPUTS = ("checkpoints", "teacher", "student", "progress.json", "metrics.js
 @dataclass
 class Run:
     cfg: TrainConfig
-    task: GlueTask
+    task: GlueTask | FileTask  # what the data is: label names, regression or not, metrics
     device: torch.device
     tokenizer: object
     teacher_bottleneck: BottleneckConfig  # the teacher's: a loaded checkpoint's own, or the settings'
@@ -83,16 +83,8 @@ def setup(cfg: TrainConfig) -> Run:
             f"data parallel on {ranks.world} ranks: global batch = {cfg.batch_size} per rank x {ranks.world} ranks "
             f"x {cfg.grad_accum} accumulation = {cfg.batch_size * ranks.world * cfg.grad_accum} examples per step"
         )
-    task = get_task(cfg.task)
-    data = load_task(
-        task,
-        cfg.data_dir,
-        val_size=cfg.val_size,
-        seed=cfg.seed,
-        max_train_samples=cfg.max_train_samples,
-        max_eval_samples=cfg.max_eval_samples,
-        skip_bad_rows=cfg.skip_bad_rows,
-    )
+    data = load_data(cfg)
+    task = data.task
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher.tokenizer)
     except (OSError, ValueError) as e:
@@ -113,17 +105,40 @@ def setup(cfg: TrainConfig) -> Run:
     return Run(cfg, task, device, tokenizer, teacher.bottleneck, train, val, tests, progress, ranks, data.train)
 
 
-def report_rows(cfg: TrainConfig, task: GlueTask, data, train, val, tests) -> None:
+def load_data(cfg: TrainConfig) -> TaskData:
+    """The run's task and splits: your own files (--train-file), or a GLUE task."""
+    common = {
+        "val_size": cfg.val_size,
+        "seed": cfg.seed,
+        "max_train_samples": cfg.max_train_samples,
+        "max_eval_samples": cfg.max_eval_samples,
+        "skip_bad_rows": cfg.skip_bad_rows,
+    }
+    if not cfg.train_file:
+        return load_task(get_task(cfg.task), cfg.data_dir, **common)
+    return load_files(
+        cfg.train_file,
+        cfg.validation_file,
+        cfg.test_file,
+        text_columns=comma_list(cfg.text_columns),
+        label_column=cfg.label_column,
+        label_names=comma_list(cfg.label_names),
+        regression=cfg.regression,
+        name=cfg.run_name,
+        **common,
+    )
+
+
+def comma_list(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",")] if text else None
+
+
+def report_rows(cfg: TrainConfig, task: GlueTask | FileTask, data: TaskData, train, val, tests) -> None:
     """Where the rows went, and how many lost tokens to --max-length."""
     if data.skipped_rows:
         print(f"--skip-bad-rows: skipped {data.skipped_rows} malformed row(s)")
     splits = {"train": train, "val": val, **tests}
-    print(
-        f"{task.name}: "
-        + ", ".join(f"{len(ds)} {name}" for name, ds in splits.items())
-        + f" (val held out of GLUE train{'' if cfg.val_size else ', 10% with floor 100 and cap 1000'}; "
-        f"test is GLUE dev)"
-    )
+    print(f"{task.name}: " + ", ".join(f"{len(ds)} {name}" for name, ds in splits.items()) + f" ({data.origin})")
     truncated = {name: ds.truncated for name, ds in splits.items() if ds.truncated}
     if truncated:
         print(

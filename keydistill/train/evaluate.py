@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from keydistill.bottleneck import assignment_counts, codebook_usage
-from keydistill.data import GlueTask, compute_metrics
+from keydistill.data import FileTask, GlueTask, compute_metrics
 from keydistill.train.features import forward, gathered, sharded
 
 if TYPE_CHECKING:
@@ -48,12 +48,12 @@ def model_has_keys(model) -> bool:
     return getattr(model, "bottleneck", None) is not None
 
 
-def score(task: GlueTask, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def score(task: GlueTask | FileTask, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     predictions = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
     return compute_metrics(task, predictions.cpu().numpy(), labels.cpu().numpy())
 
 
-def fidelity(task: GlueTask, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
+def fidelity(task: GlueTask | FileTask, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
     """How closely the student reproduces the teacher's answers: the share of examples where both predict the
     same class, or for regression the Pearson correlation of their scores (what a student/teacher ratio of
     a task metric measures only indirectly, and noisily on small test sets)."""

@@ -29,7 +29,11 @@ def test_stage(run: Run, teacher, student) -> tuple[dict, dict, dict]:
     collate = Collator(run.tokenizer.pad_token_id)
     results, primary, speed = {}, {}, {}
     for name, model in (("teacher", teacher), ("student", student)):
-        results[name] = {"val": score(run.task, predict(run, model, run.val, collate).logits, run.val.labels)}
+        started = time.perf_counter()
+        val = predict(run, model, run.val, collate)
+        results[name] = {"val": score(run.task, val.logits, run.val.labels)}
+        if not run.tests:  # own data without a test file: validation stands in for the test split
+            speed[name], primary[name] = len(run.val) / (time.perf_counter() - started), val
         for split, dataset in run.tests.items():
             started = time.perf_counter()
             pred = predict(run, model, dataset, collate)
@@ -39,7 +43,7 @@ def test_stage(run: Run, teacher, student) -> tuple[dict, dict, dict]:
                 speed[name] = len(dataset) / (time.perf_counter() - started)
                 primary[name] = pred
             results[name][split] = score(run.task, pred.logits, dataset.labels)
-        if "test" not in results[name]:  # mnli: the matched split is "test"
+        if run.tests and "test" not in results[name]:  # mnli: the matched split is "test"
             results[name]["test"] = results[name][next(iter(run.tests))]
     results["fidelity"] = fidelity(run.task, primary["teacher"].logits, primary["student"].logits)
     return results, codebook_report(teacher, student, primary["teacher"], primary["student"], run.cfg.keys), speed
