@@ -21,10 +21,7 @@ import torch
 from scipy import stats
 from sklearn import metrics as skm
 
-
-class DataError(Exception):
-    """Unusable input data; the message says where (file:line:column) and what is wrong."""
-
+from keydistill.errors import DataError  # noqa: F401  (raised here; its home is keydistill.errors)
 
 # ----------------------------------------------------------------------------------------------------------
 # The task table
