@@ -16,9 +16,12 @@ import dataclasses
 import sys
 
 from keydistill.checkpoint import write_json
+from keydistill.cli import Parser, explicit_flags, paragraphs, run_command, wrote
 from keydistill.data import get_task
-from keydistill.train import TrainConfig, build_parser, parse_config, run_all, run_cli
-from keydistill.train.config import explicit_flags
+from keydistill.errors import UsageError
+from keydistill.train import TrainConfig, build_parser, parse_config, run_all, validate
+from keydistill.train.config import defaults_for, settings_json
+from keydistill.train.context import check_output_dir
 
 VARIANTS = ("carry", "fresh", "none")
 
@@ -76,14 +79,46 @@ def run_ablation(base: TrainConfig) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    parser.prog = "python -m keydistill.ablation"
-    parser.set_defaults(output_dir="runs/ablation_{task}")
-    argv = sys.argv[1:] if argv is None else list(argv)
+DESCRIPTION = (
+    "Distil one GLUE task three times from the same teacher, with the student's keys carried, fresh, or absent, "
+    "and write the table side by side: <output-dir>/ablation.md and ablation.json."
+)
+
+
+def build_ablation_parser(argv: list[str]) -> Parser:
+    """keydistill.train's flags with the task's defaults, runs/ablation_{task} as the output folder."""
+    epilog = (
+        "Every keydistill.train flag but --keys applies to all three runs (<output-dir>/keys_carry, keys_fresh, "
+        "keys_none); the defaults shown are the task's, its recipe applied (--print-config prints them all)."
+    )
+    return build_parser(
+        {**defaults_for(argv), "output_dir": "runs/ablation_{task}"},
+        prog="python -m keydistill.ablation",
+        description=DESCRIPTION,
+        epilog=paragraphs(epilog),
+    )
+
+
+def ablation_command(argv: list[str]) -> int:
+    parser = build_ablation_parser(argv)
     if "keys" in explicit_flags(parser, argv):  # each variant sets its own
-        parser.error(f"--keys: the ablation runs every choice ({', '.join(VARIANTS)}); leave it out")
-    return run_cli(run_ablation, parse_config(argv, parser))
+        raise UsageError(f"--keys: the ablation runs every choice ({', '.join(VARIANTS)}); leave it out")
+    cfg = parse_config(argv, parser)
+    if parser.parse_args(argv).print_config:
+        validate(cfg)
+        print(settings_json(cfg))
+        return 0
+    validate(cfg)
+    for keys in VARIANTS:  # every run's folder, before the first run starts
+        check_output_dir(dataclasses.replace(cfg, output_dir=str(cfg.out / f"keys_{keys}")))
+    run_ablation(cfg)
+    print(wrote(cfg.out, ["ablation.md", "ablation.json", *(f"keys_{keys}/" for keys in VARIANTS)]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(lambda: ablation_command(argv), interrupted="run the same command with --resume to continue")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SEE_HELP = "see --help"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions kept as written (keydistill.cli.paragraphs fills them), each flag's default shown."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the commands' conventions: errors raise UsageError (the runner prints one line, not the
     usage block), no abbreviated flags (--task must never be taken for --tasks), underscore spellings and

@@ -18,6 +18,7 @@ from pathlib import Path
 from keydistill.bottleneck import POOLINGS, PROJECTIONS, BottleneckConfig
 from keydistill.cli import Parser, explicit_flags, paragraphs
 from keydistill.data import TASKS
+from keydistill.devices import DEVICE_HELP
 from keydistill.errors import ConfigError, RunError, UsageError  # noqa: F401  (their old home)
 from keydistill.models.transfer import default_layers
 
@@ -246,7 +247,7 @@ class TrainConfig:
         min=0,
     )
     eval_every: int = option(0, "extra validation every N optimizer steps (0: once per epoch)", min=0)
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto (under torchrun: each rank its local GPU, or the CPU)")
+    device: str = option("auto", DEVICE_HELP + " (under torchrun: each rank its local GPU, or the CPU)")
     report_to: str = option("none", "also write the training curves as TensorBoard events", ("none", "tensorboard"))
     dist_timeout: float = option(
         600.0,
@@ -493,6 +494,13 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _encoder_gradient_problems(cfg)
     problems += _student_layer_problems(cfg.student_layers)
     problems += _device_problems(cfg.device)
+    if cfg.report_to == "tensorboard":
+        from keydistill.report import tensorboard_writer
+
+        try:
+            tensorboard_writer()
+        except ConfigError as e:
+            problems.append(str(e))
     if not problems and not cfg.teacher_checkpoint:
         try:
             cfg.teacher_bottleneck()

@@ -48,7 +48,7 @@ def test_stage(run, teacher, student) -> tuple[dict, dict, dict]:
 
 def run_all(cfg: TrainConfig) -> dict:
     """Every stage, then metrics.json, the curves PNG and the summary. Returns the metrics."""
-    from keydistill.report import plot_run, summary_table
+    from keydistill.report import plot_run, summary_table, write_tensorboard
 
     started = time.perf_counter()
     run = setup(cfg)
@@ -74,6 +74,8 @@ def run_all(cfg: TrainConfig) -> dict:
     if run.ranks.main:
         write_json(cfg.out / "metrics.json", metrics)
         plot_run(metrics, cfg.out / "training_curves.png")
+        if cfg.report_to == "tensorboard":
+            write_tensorboard(metrics, cfg.out / "tensorboard")
         print(summary_table(metrics, run.task.metrics))
         print(wrote(cfg.out, run_outputs(cfg.out)))
     return metrics
@@ -81,7 +83,7 @@ def run_all(cfg: TrainConfig) -> dict:
 
 def run_outputs(folder: Path) -> list[str]:
     """What a run left in its folder, in the order a reader looks for it."""
-    order = ("student", "teacher", "metrics.json", "training_curves.png", "config.json", "progress.json", "events")
+    order = ("student", "teacher", "metrics.json", "training_curves.png", "tensorboard", "config.json", "progress.json")
     found = {p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()}
     return [f for name in order for f in (name + "/", name) if f in found] + sorted(
         f for f in found if f.rstrip("/") not in order
@@ -91,8 +93,12 @@ def run_outputs(folder: Path) -> list[str]:
 def run_cli(run: Callable[[TrainConfig], object], cfg: TrainConfig) -> int:
     """Run `run(cfg)` for a command line (keydistill.cli.run_command): bad data or settings print one line (no
     traceback) and exit 2; an interruption says how to continue and exits 130."""
+
+    def work() -> None:  # run's result is for Python callers: the exit status is run_command's
+        run(cfg)
+
     return run_command(
-        lambda: run(cfg), interrupted=f"continue with the same command and --resume (checkpoints in {cfg.output_dir})"
+        work, interrupted=f"continue with the same command and --resume (checkpoints in {cfg.output_dir})"
     )
 
 
