@@ -27,7 +27,6 @@ from keydistill.train.config import (
     BOTTLENECK_DEFAULTS,
     BOTTLENECK_PRESETS,
     ConfigError,
-    RunError,
     TrainConfig,
     changed_settings,
     flag_of,
@@ -293,7 +292,7 @@ def prepare_output_dir(cfg: TrainConfig) -> dict:
     if cfg.resume and saved.exists():
         changed = changed_settings(json.loads(saved.read_text()), cfg)
         if changed:
-            raise RunError(
+            raise ConfigError(
                 f"--resume with settings that differ from {saved}: "
                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
