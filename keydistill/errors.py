@@ -16,6 +16,10 @@ class UsageError(KeydistillError):
     """A command line that cannot be read: an unknown flag, a missing or malformed value."""
 
 
+class InputError(KeydistillError):
+    """A file, folder or device named on the command line that cannot be used (predict's, export's)."""
+
+
 class DataError(KeydistillError):
     """Unusable input data; the message says where (file:line:column) and what is wrong."""
 

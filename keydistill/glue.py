@@ -78,7 +78,8 @@ def build_glue_parser() -> Parser:
 
 def train_parser(**kwargs) -> Parser:
     """keydistill.train's flags with runs/glue as the output folder (each task gets its own folder in it)."""
-    return build_parser({**default_settings(), "output_dir": "runs/glue"}, **kwargs)
+    helps = {"output_dir": "where the table goes; each task runs in <output-dir>/<task>"}
+    return build_parser({**default_settings(), "output_dir": "runs/glue"}, helps=helps, **kwargs)
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -15,6 +15,7 @@ import sys
 from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
 from keydistill.data import TASKS, DataError, compute_metrics
 from keydistill.devices import DEVICE_HELP, check_device, resolve_auto
+from keydistill.errors import InputError
 from keydistill.models import KeyBottleneckClassifier
 from keydistill.models.classifiers import read_checkpoint_config
 from keydistill.predict import Prediction, Predictor
@@ -182,6 +183,5 @@ def _array(values):
 
 
 def fail(message: str) -> int:
-    """A command-line mistake (predict's, export's): one `error:` line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    """A command-line mistake (predict's, export's): run_command prints it as one `error:` line, exit status 2."""
+    raise InputError(message)

@@ -389,9 +389,11 @@ def build_parser(
     prog: str = "python -m keydistill.train",
     description: str = DESCRIPTION,
     epilog: str | None = None,
+    helps: dict[str, str] | None = None,
 ) -> Parser:
     """One flag per setting, with `defaults` (default_settings() when None) as the defaults it runs with and
-    shows, each setting's transformers name as an alias, and --print-config."""
+    shows, each setting's transformers name as an alias, and --print-config. helps: a command's own help text
+    for a setting that means more there (the GLUE runner's --output-dir)."""
     defaults = default_settings() if defaults is None else defaults
     parser = Parser(
         prog=prog,
@@ -404,7 +406,7 @@ def build_parser(
     for name, f in FIELDS.items():
         default = defaults[name]
         display = f.default if name == "task" else default  # the defaults are this task's; without --task: sst2
-        help = f"{f.metadata['help']} (default: {shown(name, display)})".replace("%", "%%")
+        help = f"{(helps or {}).get(name, f.metadata['help'])} (default: {shown(name, display)})".replace("%", "%%")
         kinds = [k for k in typing.get_args(hints[name]) if k is not type(None)] or [hints[name]]
         if kinds[0] is bool:
             parser.add_argument(flag_of(name), action=argparse.BooleanOptionalAction, default=default, help=help)
