@@ -166,15 +166,13 @@ class TrainConfig:
     feature_weight: float = option(1.0, "weight of the MSE toward the teacher's sentence features", min=0)
     hidden_weight: float = option(
         0.0,
-        "weight of the MSE between each student layer's output and its teacher "
-        "layer's, over every token (the teacher's layer outputs are computed once, before training)",
+        "weight of the MSE between each student layer's output and its teacher layer's, over every token",
         min=0,
     )
     attention_weight: float = option(
         0.0,
-        "weight of the KL between each student layer's attention distributions and "
-        "its teacher layer's, per head over real tokens (MiniLM's attention "
-        "transfer; the teacher's are computed once, before training)",
+        "weight of the KL between each student layer's attention distributions and its teacher layer's "
+        "(MiniLM's attention transfer)",
         min=0,
     )
     value_relation_weight: float = option(
@@ -199,15 +197,12 @@ class TrainConfig:
     )
     augment: int = option(
         0,
-        "perturbed copies of each training example added to the student's transfer set, "
-        "labelled by the teacher (keydistill.augment); 0: the training rows only",
+        "teacher-labelled perturbed copies of each training example for the student (keydistill.augment)",
         min=0,
     )
     weight_average: float = option(
         0.0,
-        "validate and keep an exponential moving average of the student's weights, "
-        "with this decay per optimizer step (e.g. 0.995: about the last 200 steps; "
-        "keydistill.train.averaging); 0: the trained weights",
+        "decay per optimizer step of an average of the student's weights, validated and kept; 0: no average",
         min=0,
         max=1,
         open_max=True,
