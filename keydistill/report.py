@@ -1,7 +1,8 @@
-"""What a run shows a person: the one-screen summary table and the training-curves PNG."""
+"""What a run shows a person: the one-screen summary table, the training-curves PNG and TensorBoard events."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -126,6 +127,7 @@ def write_tensorboard(metrics: dict, folder: str | Path) -> None:
     """The run's curves as TensorBoard events in folder: each stage's loss per optimizer step, and its
     validation metrics at the steps they were measured (the stages end to end, as in the PNG)."""
     offsets = stage_offsets(metrics)
+    shutil.rmtree(folder, ignore_errors=True)  # written whole from the metrics: a resumed run's old file would repeat
     with tensorboard_writer()(log_dir=str(folder)) as writer:
         for stage, curve in metrics["curves"].items():
             for step, loss in curve:

@@ -273,6 +273,7 @@ def test_resume_continues_and_overwrite_replaces(finished_run, tiny, tmp_path, c
     metrics = json.loads((out / "metrics.json").read_text())
     assert main(tiny_args(tiny, out, "--epochs", "1", "--report-to", "tensorboard", "--resume")) == 0
     assert json.loads((out / "metrics.json").read_text())["student"] == metrics["student"]  # finished stages kept
+    assert len(list((out / "tensorboard").iterdir())) == 1  # the curves once, not once per resume
     capsys.readouterr()
     assert main(tiny_args(tiny, out, "--epochs", "1", "--seed", "1", "--overwrite-output-dir")) == 0
     printed = capsys.readouterr().out
