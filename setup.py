@@ -155,6 +155,7 @@ setup(
         "test": ["pytest"],
         "bench": ["faiss-cpu"],
         "onnx": ["onnx", "onnxruntime"],
+        "tensorboard": ["tensorboard"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

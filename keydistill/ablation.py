@@ -19,19 +19,19 @@ The metric is the task's first; own data without a test file reports validation.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from keydistill.checkpoint import write_json
-from keydistill.glue import finished
+from keydistill.cli import Parser, explicit_flags, paragraphs, run_command, wrote
+from keydistill.errors import ConfigError, UsageError
+from keydistill.glue import continued, finished, positive_count
 from keydistill.seeds import aggregate, shown
-from keydistill.train import ConfigError, TrainConfig, build_parser, parse_config, run_all, run_cli
-from keydistill.train.config import changed_settings, explicit_flags
-from keydistill.train.context import load_data
+from keydistill.train import TrainConfig, build_parser, parse_config, run_all, validate
+from keydistill.train.config import defaults_for, settings_json
+from keydistill.train.context import check_output_dir, load_data
 
 VARIANTS = ("carry", "fresh", "none")
 
@@ -109,13 +109,6 @@ def cell_configs(base: TrainConfig, cell: Cell, folder: Path, grid: bool) -> lis
         )
         for keys in VARIANTS
     ]
-
-
-def continued(cfg: TrainConfig) -> TrainConfig:
-    """With --resume, an interrupted run of the same settings continues; any other starts afresh."""
-    saved = cfg.out / "config.json"
-    same = saved.exists() and not changed_settings(json.loads(saved.read_text()), cfg)
-    return dataclasses.replace(cfg, resume=cfg.resume and same)
 
 
 def reported(metrics: dict) -> str:
@@ -240,13 +233,23 @@ def plot(summary: list[dict], figure: str, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_ablation(base: TrainConfig, sizes: list[int | None] | None = None, seeds: int = 1) -> dict:
-    root, grid = base.out, sizes is not None or seeds > 1
-    grid_cells = [Cell(size, base.seed + i) for size in (sizes or [base.max_train_samples]) for i in range(seeds)]
-    rows = []
-    for i, cell in enumerate(grid_cells, start=1):
-        label = f"[{i}/{len(grid_cells)}] rows={cell.rows or 'all'} seed={cell.seed}"
-        rows += run_cell(cell_configs(base, cell, cell.folder(root, grid), grid), label)
+def plan(base: TrainConfig, sizes: list[int | None] | None, seeds: int) -> list[tuple[str, list[TrainConfig]]]:
+    """(progress label, the cell's three runs) for each cell, in the order they run."""
+    grid = sizes is not None or seeds > 1
+    cells = [Cell(size, base.seed + i) for size in (sizes or [base.max_train_samples]) for i in range(seeds)]
+    return [
+        (
+            f"[{i}/{len(cells)}] rows={cell.rows or 'all'} seed={cell.seed}",
+            cell_configs(base, cell, cell.folder(base.out, grid), grid),
+        )
+        for i, cell in enumerate(cells, start=1)
+    ]
+
+
+def run_ablation(base: TrainConfig, cells: list[tuple[str, list[TrainConfig]]]) -> dict:
+    root, rows = base.out, []
+    for label, cfgs in cells:
+        rows += run_cell(cfgs, label)
     figure = reported_of(rows)
     summary = summarise(rows, figure)
     what_varies = (
@@ -261,47 +264,61 @@ def run_ablation(base: TrainConfig, sizes: list[int | None] | None = None, seeds
     )
     plot(summary, figure, root / "ablation.png")
     print(table)
-    print(f"wrote {root / 'ablation.md'}, {root / 'ablation.json'}, {root / 'ablation.png'}")
     return {"cells": rows, "summary": summary}
 
 
-def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(--train-sizes and --seeds, the keydistill.train flags that follow them)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never mistake --seed for --seeds
-    parser.add_argument("--train-sizes", default=None)
-    parser.add_argument("--seeds", default="1")
-    return parser.parse_known_args(argv)
+DESCRIPTION = (
+    "Distil one task three times from the same teacher, with the student's keys carried, fresh, or absent "
+    "(with --train-sizes and --seeds: at each training size and seed), and write the table side by side: "
+    "<output-dir>/ablation.md, ablation.json and ablation.png."
+)
 
 
-def grid_parser() -> argparse.ArgumentParser:
-    parser = build_parser()
-    parser.prog = "python -m keydistill.ablation"
-    parser.description = __doc__.split("\n\n")[0]
-    parser.set_defaults(output_dir="runs/ablation_{task}")
-    parser.add_argument("--train-sizes", default=None, help="training rows per cell, e.g. 500,2000,all")
-    parser.add_argument("--seeds", default="1", help="seeds per cell, from --seed on")
+def build_ablation_parser(argv: list[str]) -> Parser:
+    """keydistill.train's flags with the task's defaults, runs/ablation_{task} as the output folder, and the
+    grid's --train-sizes and --seeds."""
+    epilog = (
+        "Every keydistill.train flag but --keys applies to all three runs (<output-dir>/keys_carry, keys_fresh, "
+        "keys_none; a grid's cells in <output-dir>/rows_<n>/seed_<s>/); the defaults shown are the task's, its "
+        "recipe applied (--print-config prints them all)."
+    )
+    parser = build_parser(
+        {**defaults_for(argv), "output_dir": "runs/ablation_{task}"},
+        prog="python -m keydistill.ablation",
+        description=DESCRIPTION,
+        epilog=paragraphs(epilog),
+    )
+    parser.add_argument("--train-sizes", default=None, help="training rows of each cell, e.g. 500,2000,all")
+    parser.add_argument("--seeds", type=positive_count, default=1, help="runs of each training size, seeds --seed on")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = grid_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)  # --help, and every flag checked once up front
+def ablation_command(argv: list[str]) -> int:
+    parser = build_ablation_parser(argv)
     if "keys" in explicit_flags(parser, argv):  # each variant sets its own
-        parser.error(f"--keys: the ablation runs every choice ({', '.join(VARIANTS)}); leave it out")
-    if not (args.seeds.isdigit() and int(args.seeds) > 0):
-        parser.error(f"--seeds must be a whole number > 0, got {args.seeds!r}")
-    train = build_parser()
-    train.set_defaults(output_dir="runs/ablation_{task}")
-    base = parse_config(split_argv(argv)[1], train)
+        raise UsageError(f"--keys: the ablation runs every choice ({', '.join(VARIANTS)}); leave it out")
+    args = parser.parse_args(argv)
+    cfg = parse_config(argv, parser)
+    validate(cfg)
+    if args.print_config:
+        print(settings_json(cfg))
+        return 0
+    sizes = None if args.train_sizes is None else parse_sizes(args.train_sizes)
+    if sizes:
+        check_sizes(cfg, sizes)
+    cells = plan(cfg, sizes, args.seeds)
+    for run in (run for _, cfgs in cells for run in cfgs):  # every run's folder, before the first run starts
+        if finished(run) is None:
+            check_output_dir(run)
+    run_ablation(cfg, cells)
+    folders = sorted({run.out.relative_to(cfg.out).parts[0] + "/" for _, cfgs in cells for run in cfgs})
+    print(wrote(cfg.out, ["ablation.md", "ablation.json", "ablation.png", *folders]))
+    return 0
 
-    def run(cfg: TrainConfig) -> dict:
-        sizes = None if args.train_sizes is None else parse_sizes(args.train_sizes)
-        if sizes:
-            check_sizes(cfg, sizes)
-        return run_ablation(cfg, sizes, int(args.seeds))
 
-    return run_cli(run, base)
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(lambda: ablation_command(argv), interrupted="run the same command with --resume to continue")
 
 
 if __name__ == "__main__":

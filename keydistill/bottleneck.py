@@ -51,6 +51,8 @@ POOLINGS = ("cls", "mean")
 CODEBOOK_STATE = ("keys", "cluster_size", "embed_sum")
 # BottleneckConfig fields that shape how a model learns, not what its codebook is: a student may set its own.
 TRAINING_FIELDS = ("commitment_weight", "soft_temperature", "straight_through", "sparse_values")
+# Those of them a student's training settings give (keydistill.train.config.TrainConfig.student_training).
+STUDENT_TRAINING_FIELDS = ("commitment_weight", "soft_temperature", "straight_through")
 
 
 @dataclass(frozen=True)
@@ -99,18 +101,30 @@ class BottleneckConfig:
         _require(self.projection in PROJECTIONS, f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         _require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         _require(self.dead_key_threshold >= 0, f"dead_key_threshold must be >= 0, got {self.dead_key_threshold!r}")
-        _require(self.commitment_weight >= 0, f"commitment_weight must be >= 0, got {self.commitment_weight!r}")
-        _require(
-            self.soft_temperature is None or (math.isfinite(self.soft_temperature) and self.soft_temperature > 0),
-            f"soft_temperature must be None or a finite number > 0, got {self.soft_temperature!r}",
-        )
         _require(
             isinstance(self.sparse_values, bool), f"sparse_values must be True or False, got {self.sparse_values!r}"
         )
-        _require(
-            not self.straight_through or self.soft_temperature is not None,
-            "straight_through takes its gradient from the soft assignment: set soft_temperature too",
-        )
+        problems = self.training_problems({name: getattr(self, name) for name in STUDENT_TRAINING_FIELDS})
+        _require(not problems, "; ".join(problems))
+
+    @staticmethod
+    def training_problems(fields: dict, spell=str) -> list[str]:
+        """What is wrong with the settings of how a model learns through the bottleneck (STUDENT_TRAINING_FIELDS,
+        those in `fields`), each setting named by spell(name): the one place they are checked, for this class
+        and for the training job's flags (spell=keydistill.train.config.flag_of)."""
+        problems = []
+        weight = fields.get("commitment_weight", 0.0)
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            problems.append(f"{spell('commitment_weight')} must be a finite number >= 0, got {weight!r}")
+        tau = fields.get("soft_temperature")
+        if tau is not None and not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            problems.append(f"{spell('soft_temperature')} must be a finite number > 0 (or none), got {tau!r}")
+        if fields.get("straight_through") and tau is None:
+            problems.append(
+                f"{spell('straight_through')} takes its backward pass from the soft assignment: "
+                f"set {spell('soft_temperature')} too"
+            )
+        return problems
 
     def key_dim_for(self, dim: int) -> int:
         """The key dimension on encoder outputs of width dim; ValueError when the two cannot fit."""

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import torch
 
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: a CUDA GPU when there is one, else the CPU"
+
+
+def resolve_auto(device: str) -> str:
+    """--device auto as the device it means here."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
 
 def check_device(device: str | torch.device, flag: str = "device") -> torch.device:
     """`device` as a torch.device; ValueError naming `flag` for a name torch does not know or a GPU this

@@ -14,7 +14,6 @@ positions. check_onnx compares the exported file in onnxruntime against the PyTo
 
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import json
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from keydistill.bottleneck import DiscreteKeyBottleneck
+from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
 from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier, load_model
 from keydistill.models.classifiers import has_tokenizer
 from keydistill.predict.cli import fail, load_error
@@ -217,11 +217,14 @@ def _decided_keys(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return (best2[..., 1] - best2[..., 0]) > KEY_TIE * scale
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="python -m keydistill.export",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=paragraphs(
+            "Export a model folder written by keydistill as one ONNX file with dynamic batch and sequence axes, "
+            "then check it in onnxruntime against PyTorch."
+        ),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
     parser.add_argument("--onnx", required=True, help="the ONNX file to write")
@@ -231,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(lambda: export_command(argv))
+
+
+def export_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if os.path.isdir(args.onnx):
         return fail(f"--onnx {args.onnx}: is a directory (give the file to write)")
@@ -245,11 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--onnx {args.onnx}: {e.strerror or e}")
     wrapper = ExportableClassifier(model)
     print(
-        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): inputs {', '.join(wrapper.input_names)} "
-        f"[batch, sequence]; outputs {', '.join(wrapper.output_names)}; labels {list(model.label_names)}"
+        f"{path}: inputs {', '.join(wrapper.input_names)} [batch, sequence]; outputs "
+        f"{', '.join(wrapper.output_names)}; labels {list(model.label_names)}"
     )
-    if args.no_check:
-        return 0
+    status = 0 if args.no_check else check_export(model, tokenizer, path)
+    print(wrote(path, [f"{path.stat().st_size / 2**20:.1f} MiB"]))
+    return status
+
+
+def check_export(model: KeyBottleneckClassifier, tokenizer, path: Path) -> int:
+    """Run the exported file in onnxruntime against PyTorch; the exit status (1: they differ)."""
     texts = SAMPLE_TEXTS
     batches = [
         sample_batch(model, tokenizer, texts),

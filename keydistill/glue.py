@@ -32,11 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from keydistill.checkpoint import write_json
-from keydistill.data import TASKS, DataError, compute_metrics, get_task, load_task
-from keydistill.ops import BackendUnavailable
+from keydistill.cli import Parser, explicit_flags, paragraphs, run_command, wrote
+from keydistill.data import TASKS, compute_metrics, get_task, load_task
+from keydistill.errors import ConfigError, KeydistillError, UsageError
 from keydistill.seeds import mean_sd
-from keydistill.train import RunError, TrainConfig, build_parser, distributed, parse_config, run_all
-from keydistill.train.config import changed_settings, explicit_flags
+from keydistill.train import TrainConfig, build_parser, distributed, parse_config, run_all
+from keydistill.train.config import changed_settings, config_problems, default_settings
+from keydistill.train.context import check_output_dir, resolve_teacher
 
 ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")  # DistilBERT's Table 1 columns
 LOCAL_TASKS = ("cola", "mrpc", "rte", "sst2", "stsb", "wnli")  # the six in ../shared/data/glue
@@ -56,11 +58,21 @@ PUBLISHED = {
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_glue_parser() -> argparse.ArgumentParser:
+DESCRIPTION = (
+    "Distil and test several GLUE tasks, one keydistill.train run each in <output-dir>/<task>/, and write the "
+    "table DistilBERT shows: <output-dir>/glue.md, glue.json and glue.png."
+)
+EPILOG = (
+    "Every keydistill.train flag applies to every task, on top of each task's recipe (the defaults shown are "
+    "before any recipe; --print-config prints each task's resolved settings). A finished task with the same "
+    "settings is reused; --resume continues an interrupted one; a task folder holding a run with other settings "
+    "is refused unless --overwrite-output-dir. Without --data-dir (or GLUE_DIR) the data comes from the hub."
+)
+
+
+def build_glue_parser() -> Parser:
     """Every keydistill.train flag (applied to every task), --tasks, and runs/glue as the output folder."""
-    parser = train_parser()
-    parser.prog = "python -m keydistill.glue"
-    parser.description = __doc__.split("\n\n")[0]
+    parser = train_parser(prog="python -m keydistill.glue", description=DESCRIPTION, epilog=paragraphs(EPILOG))
     parser.add_argument(
         "--tasks",
         default=None,
@@ -77,20 +89,20 @@ def positive_count(text: str) -> int:
     return int(text)
 
 
-def train_parser() -> argparse.ArgumentParser:
-    parser = build_parser()
-    parser.set_defaults(output_dir="runs/glue")
-    return parser
+def train_parser(**kwargs) -> Parser:
+    """keydistill.train's flags with runs/glue as the output folder (each task gets its own folder in it)."""
+    helps = {"output_dir": "where the table goes; each task runs in <output-dir>/<task>"}
+    return build_parser({**default_settings(), "output_dir": "runs/glue"}, helps=helps, **kwargs)
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     """(--tasks, the keydistill.train flags)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # never mistake --task for --tasks
+    parser = Parser(add_help=False)  # no abbreviations: never mistake --task for --tasks
     parser.add_argument("--tasks", default=None)
     parser.add_argument("--seeds", default=None)
     known, rest = parser.parse_known_args(argv)
     if "task" in explicit_flags(train_parser(), rest):  # each task sets its own: it would do nothing
-        raise DataError("--task names one task of keydistill.train; the GLUE runner takes --tasks (e.g. --tasks cola)")
+        raise UsageError("--task names one task of keydistill.train; the GLUE runner takes --tasks (e.g. --tasks cola)")
     return known.tasks, rest
 
 
@@ -100,7 +112,7 @@ def chosen_tasks(tasks: str | None, data_dir: str | None) -> tuple[list[str], di
         names = [t.strip().lower() for t in tasks.split(",") if t.strip()]
         unknown = [t for t in names if t not in TASKS]
         if unknown:
-            raise DataError(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(ORDER)}")
+            raise UsageError(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(ORDER)}")
         return [t for t in ORDER if t in names], {}
     if not data_dir:
         return list(ORDER), {}
@@ -118,7 +130,11 @@ def task_config(train_argv: list[str], task: str, seed: int | None = None) -> Tr
     if seed is not None:
         cfg, out = dataclasses.replace(cfg, seed=seed), out / f"seed_{seed}"
     teacher = cfg.teacher_checkpoint and cfg.teacher_checkpoint.replace("{task}", task)
-    cfg = dataclasses.replace(cfg, output_dir=str(out), teacher_checkpoint=teacher)
+    return continued(dataclasses.replace(cfg, output_dir=str(out), teacher_checkpoint=teacher))
+
+
+def continued(cfg: TrainConfig) -> TrainConfig:
+    """With --resume, an interrupted run of the same settings continues; any other starts afresh."""
     saved = cfg.out / "config.json"
     same = saved.exists() and not changed_settings(json.loads(saved.read_text()), cfg)
     return dataclasses.replace(cfg, resume=cfg.resume and same)
@@ -400,20 +416,23 @@ def run_glue(argv: list[str]) -> int:
     root = Path(args.output_dir)
     train_argv = split_argv(argv)[1]
     tasks, not_run = chosen_tasks(args.tasks, args.data_dir)
+    seeds = [None] if args.seeds == 1 else [args.seed + k for k in range(args.seeds)]
+    configs = {name: [task_config(train_argv, name, seed) for seed in seeds] for name in tasks}
+    if args.print_config:
+        print(json.dumps({name: dataclasses.asdict(cfgs[0]) for name, cfgs in configs.items()}, indent=2))
+        return 0
+    check_before_any_task([cfg for cfgs in configs.values() for cfg in cfgs])
     failed: dict[str, str] = {}
     rows = []
     started = time.perf_counter()
-    seeds = [None] if args.seeds == 1 else [args.seed + k for k in range(args.seeds)]
-    for i, name in enumerate(tasks, start=1):
+    for i, (name, cfgs) in enumerate(configs.items(), start=1):
         try:
             runs = [
-                task_run(
-                    train_argv, name, seed, f"[{i}/{len(tasks)}] {name}" + (f" seed {seed}" if seed is not None else "")
-                )
-                for seed in seeds
+                task_run(name, cfg, f"[{i}/{len(tasks)}] {name}" + (f" seed {cfg.seed}" * (len(cfgs) > 1)))
+                for cfg in cfgs
             ]
             row = runs[0] if len(runs) == 1 else combine_seeds(runs)
-        except (DataError, RunError, BackendUnavailable) as e:
+        except KeydistillError as e:
             failed[name] = str(e)
             print(f"[{i}/{len(tasks)}] {name}: skipped: {e}", flush=True)
             if distributed.broken():  # under torchrun, a failed collective leaves no process group to go on with
@@ -435,9 +454,8 @@ def run_glue(argv: list[str]) -> int:
     return write_table(root, rows, failed, not_run, time.perf_counter() - started)
 
 
-def task_run(train_argv: list[str], name: str, seed: int | None, label: str) -> dict:
-    """One run of a task (one of several seeds when seed is given): reused when finished, else run."""
-    cfg = task_config(train_argv, name, seed)
+def task_run(name: str, cfg: TrainConfig, label: str) -> dict:
+    """One run of a task (one of several seeds): reused when finished, else run."""
     metrics, seconds = finished(cfg), None
     if metrics is not None:
         print(f"{label}: reusing the finished run in {cfg.out}", flush=True)
@@ -447,6 +465,25 @@ def task_run(train_argv: list[str], name: str, seed: int | None, label: str) -> 
         metrics = run_all(cfg)
         seconds = time.perf_counter() - started
     return task_row(name, cfg, metrics, seconds)
+
+
+def check_before_any_task(configs: list[TrainConfig]) -> None:
+    """Every task's settings, its teacher and its output folder, checked before the first task starts: a bad
+    setting is exit status 2 with no task folder made (the data is each task's own: a task whose data is
+    missing is skipped when its turn comes)."""
+    problems = []
+    for cfg in configs:
+        problems += [f"{cfg.task}: {p}" for p in config_problems(cfg)]
+        if problems:
+            continue
+        try:
+            resolve_teacher(cfg)
+            if finished(cfg) is None:
+                check_output_dir(cfg)
+        except ConfigError as e:
+            problems.append(f"{cfg.task}: {e}")
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
 
 
 def write_table(root: Path, rows: list[dict], failed: dict, not_run: dict, seconds: float) -> int:
@@ -466,25 +503,20 @@ def write_table(root: Path, rows: list[dict], failed: dict, not_run: dict, secon
         )
         plot(rows, summary, root / "glue.png")
         print(table)
-        print(f"written: {root / 'glue.md'}, {root / 'glue.json'}, {root / 'glue.png'}")
     for name, why in not_run.items():
         print(f"not run: {name}: {why}")
     for name, why in failed.items():
         print(f"FAILED: {name}: {why}")
+    tables = ["glue.md", "glue.json", "glue.png"] if rows else []
+    print(wrote(root, tables + [f"{r['task']}/" for r in rows]))
     return 1 if failed or not rows else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    status = 1  # an error not caught below (a bug) leaves with its traceback and status 1
+    status = 1  # an error run_command does not expect (a bug) leaves with its traceback and status 1
     try:
-        status = run_glue(argv)
-    except (DataError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        status = 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: run the same command with --resume to continue", file=sys.stderr)
-        status = 130
+        status = run_command(lambda: run_glue(argv), interrupted="run the same command with --resume to continue")
     finally:
         status = distributed.shutdown(status)  # under torchrun: leave the process group
     return status

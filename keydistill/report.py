@@ -1,7 +1,8 @@
-"""What a run shows a person: the one-screen summary table and the training-curves PNG."""
+"""What a run shows a person: the one-screen summary table, the training-curves PNG and TensorBoard events."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -54,23 +55,46 @@ def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def stage_offsets(metrics: dict) -> dict[str, int]:
+    """Where each stage starts on one optimizer-step axis: the stages laid end to end, in the order they ran."""
+    offsets, start = {}, 0
+    for stage, curve in metrics["curves"].items():
+        offsets[stage] = start
+        start += curve[-1][0] if curve else 0
+    return offsets
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """An exponential moving average with its start-up bias removed (TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
 def plot_run(metrics: dict, path: str | Path) -> None:
-    """Loss curves per stage, validation per epoch, and sorted key usage of teacher and student on test."""
+    """Loss and validation over optimizer steps (the stages end to end, the loss smoothed with its raw trace
+    faint behind), and sorted key usage of teacher and student on test."""
     fig, (loss_ax, val_ax, usage_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    offsets = stage_offsets(metrics)
+    colors = {stage: f"C{i}" for i, stage in enumerate(offsets)}
     for stage, curve in metrics["curves"].items():
         if curve:
-            steps, losses = zip(*curve)
-            loss_ax.plot(steps, losses, label=stage, linewidth=0.8)
-    loss_ax.set(title="training loss", xlabel="optimizer step", yscale="log")
+            steps = [offsets[stage] + step for step, _ in curve]
+            losses = [loss for _, loss in curve]
+            loss_ax.plot(steps, losses, color=colors[stage], alpha=0.2, linewidth=0.6)
+            loss_ax.plot(steps, smoothed(losses), color=colors[stage], linewidth=1.5, label=stage)
+    loss_ax.set(title="training loss (smoothed)", xlabel="optimizer step (stages end to end)", yscale="log")
     loss_ax.legend()
-    stages = sorted({e["stage"] for e in metrics["history"]})
-    for stage in stages:
+    for stage in offsets:
         entries = [e for e in metrics["history"] if e["stage"] == stage]
+        if not entries:
+            continue
         name = next(iter(entries[0]["val"]))
-        val_ax.plot(
-            [e["epoch"] for e in entries], [e["val"][name] for e in entries], marker="o", label=f"{stage} {name}"
-        )
-    val_ax.set(title="validation", xlabel="epoch")
+        steps = [offsets[stage] + e.get("step", e["epoch"]) for e in entries]
+        val_ax.plot(steps, [e["val"][name] for e in entries], marker="o", color=colors[stage], label=f"{stage} {name}")
+    val_ax.set(title="validation", xlabel="optimizer step (stages end to end)")
     val_ax.legend()
     for model in ("teacher", "student"):
         usage = metrics["codebook"][model]
@@ -85,3 +109,31 @@ def plot_run(metrics: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def tensorboard_writer():
+    """TensorBoard's SummaryWriter class; ConfigError when the optional extra is not installed."""
+    from keydistill.errors import ConfigError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "--report-to tensorboard needs the tensorboard package: pip install keydistill[tensorboard]"
+        ) from None
+    return SummaryWriter
+
+
+def write_tensorboard(metrics: dict, folder: str | Path) -> None:
+    """The run's curves as TensorBoard events in folder: each stage's loss per optimizer step, and its
+    validation metrics at the steps they were measured (the stages end to end, as in the PNG)."""
+    offsets = stage_offsets(metrics)
+    shutil.rmtree(folder, ignore_errors=True)  # written whole from the metrics: a resumed run's old file would repeat
+    with tensorboard_writer()(log_dir=str(folder)) as writer:
+        for stage, curve in metrics["curves"].items():
+            for step, loss in curve:
+                writer.add_scalar(f"{stage}/loss", loss, offsets[stage] + step)
+        for entry in metrics["history"]:
+            step = offsets.get(entry["stage"], 0) + entry.get("step", entry["epoch"])
+            for name, value in entry["val"].items():
+                writer.add_scalar(f"{entry['stage']}/val_{name}", value, step)

@@ -7,9 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
-
-class DataError(Exception):
-    """Unusable input data; the message says where (file:line:column) and what is wrong."""
+from keydistill.errors import DataError  # noqa: F401  (re-exported: keydistill.data.DataError)
 
 
 class Example(NamedTuple):

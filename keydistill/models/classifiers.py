@@ -306,12 +306,21 @@ class BertWithKeyBottleneck(KeyBottleneckClassifier):
 
     @staticmethod
     def _load_encoder(name_or_path: str, **kwargs) -> nn.Module:
-        return BertModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+        return _PoolerlessBertModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
 
     def _encode(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         return self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
+
+
+class _PoolerlessBertModel(BertModel):
+    """BertModel loaded without its pooler, which the teacher never uses (the bottleneck reads the encoder's
+    outputs). A pretrained checkpoint's pooler weights are then expected leftovers: saying so here keeps
+    transformers from printing its LOAD REPORT table of them on every run, which a user can do nothing about
+    (any other unexpected or missing weight is still reported)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"pooler\."]
 
 
 class DistilBertWithKeyBottleneck(KeyBottleneckClassifier):

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from keydistill.errors import BackendUnavailable  # noqa: F401  (raised here; its home is keydistill.errors)
+
 ALL = ("cuda", "triton", "cpp", "torch")
 
 # Preference per device type for `auto`. On CUDA the order is per op, from benchmarks/gpu_check.py
@@ -36,10 +38,6 @@ AUTO_ORDER = {
 }
 # Which device types each backend runs on.
 DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpp": ("cpu",), "torch": None}
-
-
-class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why and how to get it."""
 
 
 @functools.lru_cache(maxsize=None)

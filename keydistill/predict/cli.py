@@ -5,19 +5,18 @@ lines or Parquet file by its columns: keydistill.predict.inputs) and writes a TS
 line is an error naming file:line; no line is ever dropped. A labelled GLUE file is scored only when the
 model's label names are its task's (a model's class ids mean nothing under another task's labels); a file
 read by its columns is scored under the model's own label names. Every mistake a user can make is one line
-`error: ...` and exit status 2.
+`error: ...` and exit status 2 (keydistill.cli.run_command).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-import torch
-
+from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
 from keydistill.data import TASKS, DataError, compute_metrics
-from keydistill.devices import check_device
+from keydistill.devices import DEVICE_HELP, check_device, resolve_auto
+from keydistill.errors import InputError
 from keydistill.models import KeyBottleneckClassifier
 from keydistill.models.classifiers import read_checkpoint_config
 from keydistill.predict import Prediction, Predictor
@@ -37,11 +36,18 @@ def write_predictions(out, rows: InputRows, predictions: list[Prediction], regre
         out.write("\t".join(fields + ([format_keys(p.key_indices)] if keys else [])) + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+DESCRIPTION = (
+    "Predict every line of a file (or stdin) with a model folder written by keydistill, and write a TSV of "
+    "predictions: one text or tab-separated pair per line, or a GLUE TSV file."
+)
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="python -m keydistill.predict",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=paragraphs(DESCRIPTION),
+        formatter_class=HelpFormatter,
+        aliases={"--per-device-eval-batch-size": "--batch-size", "--max-seq-length": "--max-length"},
     )
     parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
     parser.add_argument(
@@ -55,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: a first line naming a GLUE task's text columns makes a GLUE file, else plain lines",
     )
     parser.add_argument(
-        "--task", choices=tuple(TASKS), help="read the input as this GLUE task's TSV file (its columns)"
+        "--task", choices=tuple(TASKS), default=None, help="the GLUE task the input file is of (read by its columns)"
     )
     parser.add_argument(
         "--text-columns",
@@ -70,14 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     parser.add_argument(
-        "--max-length", type=int, default=None, help="tokens per example after truncation; default: the model's limit"
+        "--max-length", type=int, default=None, help="tokens per example after truncation; none: the model's limit"
     )
-    parser.add_argument("--keys", action="store_true", help="add the key index each bottleneck head chose")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ...; default: cuda when available")
+    parser.add_argument("--key-indices", action="store_true", help="add the key index each bottleneck head chose")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(lambda: predict_command(argv))
+
+
+def predict_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return fail(problem)
     try:
-        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(resolve_auto(args.device), "--device")
     except ValueError as e:
         return fail(str(e))
     try:
@@ -119,21 +130,23 @@ def main(argv: list[str] | None = None) -> int:
         + ("a regression score" if regression else "labels " + ", ".join(predictor.model.label_names)),
         file=sys.stderr,
     )
-    predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.keys)
+    predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.key_indices)
     if args.output == "-":
         try:
-            write_predictions(sys.stdout, rows, predictions, regression, args.keys)
+            write_predictions(sys.stdout, rows, predictions, regression, args.key_indices)
             sys.stdout.flush()  # inside the try: a reader gone (| head) shows here, not at interpreter exit
         except BrokenPipeError:
             return _closed_stdout()
     else:
         try:
             with open(args.output, "w", encoding="utf-8") as out:
-                write_predictions(out, rows, predictions, regression, args.keys)
+                write_predictions(out, rows, predictions, regression, args.key_indices)
         except OSError as e:
             return fail(f"--output {args.output}: {e.strerror or e}")
     if rows.labels is not None:
         _report_metrics(rows, predictions, predictor.model)
+    if args.output != "-":  # on stdout the predictions themselves are the output
+        print(wrote(args.output, [f"{len(predictions)} predictions"]), file=sys.stderr)
     return 0
 
 
@@ -194,6 +207,5 @@ def _array(values):
 
 
 def fail(message: str) -> int:
-    """A command-line mistake (predict's, export's): one `error:` line on stderr, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    """A command-line mistake (predict's, export's): run_command prints it as one `error:` line, exit status 2."""
+    raise InputError(message)

@@ -27,7 +27,6 @@ from keydistill.train.config import (
     BOTTLENECK_DEFAULTS,
     BOTTLENECK_PRESETS,
     ConfigError,
-    RunError,
     TrainConfig,
     changed_settings,
     flag_of,
@@ -35,8 +34,17 @@ from keydistill.train.config import (
 )
 from keydistill.train.distributed import Dist
 
-# What a finished or interrupted run leaves in its output folder; a new run (without --resume) replaces it.
-RUN_OUTPUTS = ("checkpoints", "teacher", "student", "progress.json", "metrics.json", "training_curves.png")
+# What a finished or interrupted run leaves in its output folder: a new run there is refused unless
+# --overwrite-output-dir replaces it or --resume continues it.
+RUN_OUTPUTS = (
+    "checkpoints",
+    "teacher",
+    "student",
+    "progress.json",
+    "metrics.json",
+    "training_curves.png",
+    "tensorboard",
+)
 
 
 @dataclass
@@ -75,6 +83,7 @@ class Run:
 def setup(cfg: TrainConfig) -> Run:
     """Check the settings, load and tokenise the data, check what depends on both, then prepare the folder."""
     validate(cfg)
+    check_output_dir(cfg)
     teacher = resolve_teacher(cfg)
     ranks, device = distributed.init(cfg.device, cfg.dist_timeout)
     if ranks.active:
@@ -124,7 +133,7 @@ def load_data(cfg: TrainConfig) -> TaskData:
         label_column=cfg.label_column,
         label_names=comma_list(cfg.label_names),
         regression=cfg.regression,
-        name=cfg.run_name,
+        name=cfg.task,
         **common,
     )
 
@@ -270,23 +279,42 @@ def read_progress(cfg: TrainConfig) -> dict:
     return json.loads(progress.read_text()) if cfg.resume and progress.exists() else {}
 
 
+def previous_run(cfg: TrainConfig) -> list[str]:
+    """What an earlier run left in the output folder (a --teacher-checkpoint inside it is not a leftover)."""
+    keep = Path(cfg.teacher_checkpoint).resolve() if cfg.teacher_checkpoint else None
+    return [name for name in RUN_OUTPUTS if (cfg.out / name).exists() and (cfg.out / name).resolve() != keep]
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Never lose a run: a folder holding one is refused before any work, unless the flags say what to do."""
+    if cfg.resume or cfg.overwrite_output_dir:
+        return
+    found = previous_run(cfg)
+    if found:
+        state = "a finished run" if "metrics.json" in found else "an interrupted run"
+        raise ConfigError(
+            f"--output-dir {cfg.out} holds {state} ({', '.join(found)}): continue it with --resume, replace it "
+            "with --overwrite-output-dir, or choose another --output-dir"
+        )
+
+
 def prepare_output_dir(cfg: TrainConfig) -> dict:
-    """Create the output folder; return the progress of a resumed run, or clear (and name) an old run's state."""
+    """Create the output folder; return the progress of a resumed run, or clear (and name) the run that
+    --overwrite-output-dir replaces."""
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
     if cfg.resume and saved.exists():
         changed = changed_settings(json.loads(saved.read_text()), cfg)
         if changed:
-            raise RunError(
+            raise ConfigError(
                 f"--resume with settings that differ from {saved}: "
                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
         return read_progress(cfg)
-    keep = Path(cfg.teacher_checkpoint).resolve() if cfg.teacher_checkpoint else None
-    stale = [name for name in RUN_OUTPUTS if (out / name).exists() and (out / name).resolve() != keep]
+    stale = previous_run(cfg)  # only with --overwrite-output-dir (check_output_dir)
     if stale:
-        print(f"{out}: replacing the previous run's {', '.join(stale)} (use --resume to continue it instead)")
+        print(f"{out}: replacing the previous run's {', '.join(stale)} (--overwrite-output-dir)")
     for name in stale:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()

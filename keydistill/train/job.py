@@ -1,19 +1,20 @@
 """The whole job: teacher -> student -> test, then metrics.json, the curves PNG and the summary; and the
-command-line wrapper that turns every error a user can cause into one line and exit status 2."""
+command line, `python -m keydistill.train`, through the commands' shared runner (keydistill.cli)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from keydistill.checkpoint import write_json
-from keydistill.data import Collator, DataError
-from keydistill.ops import BackendUnavailable
+from keydistill.cli import run_command, wrote
+from keydistill.data import Collator
 from keydistill.train import distributed
-from keydistill.train.config import RunError, TrainConfig, parse_config
+from keydistill.train.config import TrainConfig, build_parser, defaults_for, parse_config, settings_json, validate
 from keydistill.train.context import Run, setup
 from keydistill.train.evaluate import codebook_report, fidelity, predict, score
 from keydistill.train.student import student_stage
@@ -51,7 +52,7 @@ def test_stage(run: Run, teacher, student) -> tuple[dict, dict, dict]:
 
 def run_all(cfg: TrainConfig) -> dict:
     """Every stage, then metrics.json, the curves PNG and the summary. Returns the metrics."""
-    from keydistill.report import plot_run, summary_table
+    from keydistill.report import plot_run, summary_table, write_tensorboard
 
     started = time.perf_counter()
     run = setup(cfg)
@@ -77,28 +78,49 @@ def run_all(cfg: TrainConfig) -> dict:
     if run.ranks.main:
         write_json(cfg.out / "metrics.json", metrics)
         plot_run(metrics, cfg.out / "training_curves.png")
+        if cfg.report_to == "tensorboard":
+            write_tensorboard(metrics, cfg.out / "tensorboard")
         print(summary_table(metrics, run.task.metrics))
+        print(wrote(cfg.out, run_outputs(cfg.out)))
     return metrics
 
 
+def run_outputs(folder: Path) -> list[str]:
+    """What a run left in its folder, in the order a reader looks for it."""
+    order = ("student", "teacher", "metrics.json", "training_curves.png", "tensorboard", "config.json", "progress.json")
+    found = {p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()}
+    return [f for name in order for f in (name + "/", name) if f in found] + sorted(
+        f for f in found if f.rstrip("/") not in order
+    )
+
+
 def run_cli(run: Callable[[TrainConfig], object], cfg: TrainConfig) -> int:
-    """Run `run(cfg)` for a command line: bad data or settings print one line (no traceback) and exit 2;
-    an interruption says how to continue and exits 130."""
-    try:
+    """Run `run(cfg)` for a command line (keydistill.cli.run_command): bad data or settings print one line (no
+    traceback) and exit 2; an interruption says how to continue and exits 130."""
+
+    def work() -> None:  # run's result is for Python callers: the exit status is run_command's
         run(cfg)
-    except (DataError, RunError, BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: continue with the same command and --resume (checkpoints in {cfg.out})", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(
+        work, interrupted=f"continue with the same command and --resume (checkpoints in {cfg.output_dir})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    status = 1  # an error run_cli does not expect (a bug) leaves with its traceback and status 1
+    argv = sys.argv[1:] if argv is None else list(argv)
+    status = 1  # an error run_command does not expect (a bug) leaves with its traceback and status 1
     try:
-        status = run_cli(run_all, parse_config(argv))
+        status = run_command(lambda: train_command(argv))
     finally:
         status = distributed.shutdown(status)
     return status
+
+
+def train_command(argv: list[str]) -> int:
+    parser = build_parser(defaults_for(argv))
+    cfg = parse_config(argv, parser)
+    if parser.parse_args(argv).print_config:
+        validate(cfg)
+        print(settings_json(cfg))
+        return 0
+    return run_cli(run_all, cfg)

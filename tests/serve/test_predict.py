@@ -181,7 +181,7 @@ def run_cli(capsys, monkeypatch, *args, stdin: bytes | None = None):
 
 def test_cli_plain_lines_from_stdin(folders, capsys, monkeypatch):
     text = "\n".join(SENTENCES[:3] + ["\t".join(PAIRS[0])]) + "\n"
-    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--keys", "--batch-size", "2", stdin=text.encode())
+    code, out, err = run_cli(capsys, monkeypatch, folders[1], "--key-indices", "--batch-size", "2", stdin=text.encode())
     assert code == 0, err
     lines = [line.split("\t") for line in out.splitlines()]
     assert lines[0] == ["line", "label", "score", "key_indices"]

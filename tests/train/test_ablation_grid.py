@@ -129,7 +129,10 @@ def test_a_bad_train_sizes_is_one_line_before_any_work(tiny, tmp_path, monkeypat
     assert calls == [] and not (tmp_path / "out").exists()
 
 
-def test_seeds_must_be_a_positive_count(tiny, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        ablation.main(tiny_args(tiny, tmp_path, "--seeds", "0"))
-    assert stop.value.code == 2 and "--seeds must be a whole number > 0" in capsys.readouterr().err
+@pytest.mark.parametrize("seeds", ["0", "two"])
+def test_seeds_must_be_a_positive_count(tiny, tmp_path, monkeypatch, capsys, seeds):
+    calls = []
+    monkeypatch.setattr(ablation, "run_all", recording_run_all(calls))
+    assert ablation.main(tiny_args(tiny, tmp_path / "out", "--seeds", seeds)) == 2
+    assert "--seeds: must be a whole number > 0" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "out").exists()

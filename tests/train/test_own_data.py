@@ -8,7 +8,7 @@ import json
 import pytest
 
 from keydistill import ablation
-from keydistill.train import main
+from keydistill.train import TrainConfig, main, parse_config
 from tests.helpers.own_data import labelled_rows, write_rows
 
 CLASSES3 = ["neutral", "entailment", "contradiction"]
@@ -229,13 +229,21 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(tiny, tmp_path,
     assert not (tmp_path / "run").exists() and "LOAD REPORT" not in out + err  # stopped before any model loaded
 
 
-def test_a_glue_task_and_own_files_exclude_each_other(tiny, tmp_path, capsys):
+def test_with_own_files_the_task_flag_names_the_task(tiny, tmp_path):
+    """--task (--task-name, transformers' --task_name) is the task's name: a GLUE task's, or your data's."""
     train_file = write_rows(tmp_path / "t.csv", ["text", "label"], labelled_rows(8, ["a", "b"]))
-    with pytest.raises(SystemExit) as raised:
-        main(own_args(tiny, tmp_path / "run", "--train-file", train_file, "--task", "rte"))
-    assert (
-        raised.value.code == 2 and "--task names a GLUE task and --train-file your own data" in capsys.readouterr().err
-    )
+    for flags, name in (([], "t"), (["--task", "news"], "news"), (["--task_name", "news"], "news")):
+        cfg = parse_config(["--train-file", train_file, "--output-dir", "runs/{task}", *flags])
+        assert cfg.task == name and cfg.out.name == name and cfg.epochs == TrainConfig().epochs  # no GLUE recipe
+
+
+def test_a_glue_folder_and_own_files_exclude_each_other(tiny, tmp_path, capsys, monkeypatch):
+    train_file = write_rows(tmp_path / "t.csv", ["text", "label"], labelled_rows(8, ["a", "b"]))
+    monkeypatch.setenv("GLUE_DIR", str(tiny / "glue"))  # the GLUE folder of the environment is GLUE's alone
+    assert parse_config(["--train-file", train_file]).data_dir is None
+    assert main(own_args(tiny, tmp_path / "run", "--train-file", train_file, "--data-dir", str(tiny / "glue"))) == 2
+    assert "--data-dir holds GLUE tasks and --train-file your own data" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_readme_custom_dataset_to_a_dataloader_and_the_models(tiny):

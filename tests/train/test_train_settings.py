@@ -212,7 +212,7 @@ def test_a_new_run_names_what_it_replaces(tiny, mean_teacher, tmp_path, capsys):
     )
     run_all(parse_config(args))
     capsys.readouterr()
-    run_all(parse_config(args))
+    run_all(parse_config(args + ["--overwrite-output-dir"]))  # without it the folder is refused (tests/cli)
     out = capsys.readouterr().out
     assert "replacing the previous run's checkpoints, student, progress.json, metrics.json, training_curves.png" in out
     assert json.loads((tmp_path / "metrics.json").read_text())["task"] == "sst2"
