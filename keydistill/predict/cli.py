@@ -17,9 +17,8 @@ import torch
 
 from keydistill.data import TASKS, DataError, compute_metrics
 from keydistill.devices import check_device
-from keydistill.models import KeyBottleneckClassifier
 from keydistill.models.classifiers import read_checkpoint_config
-from keydistill.predict import Prediction, Predictor
+from keydistill.predict import OnnxPredictor, Prediction, Predictor
 from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
 
 
@@ -83,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         return fail(str(e))
     try:
-        predictor = Predictor.from_pretrained(args.model, device=device)
+        predictor = _load_predictor(args.model, device)
     except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable weights, no tokenizer
         return fail(load_error(args.model, e))
     if args.max_length is not None:
-        limit = predictor.model.config.max_position_embeddings
+        limit = predictor.max_positions
         if args.max_length > limit:
             return fail(
                 f"--max-length {args.max_length} is over the {limit} positions of {args.model} "
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         predictor.max_length = args.max_length
     predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.keys)
-    regression = predictor.model.is_regression
+    regression = predictor.is_regression
     if args.output == "-":
         try:
             write_predictions(sys.stdout, rows, predictions, regression, args.keys)
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             return fail(f"--output {args.output}: {e.strerror or e}")
     if rows.labels is not None:
-        _report_metrics(rows, predictions, predictor.model)
+        _report_metrics(rows, predictions, predictor)
     return 0
 
 
@@ -118,7 +117,14 @@ def load_error(folder: str, error: Exception) -> str:
     return str(error) if str(folder) in str(error) else f"cannot load the model {folder}: {error}"
 
 
-def _report_metrics(rows: InputRows, predictions: list[Prediction], model: KeyBottleneckClassifier) -> None:
+def _load_predictor(model: str, device) -> Predictor | OnnxPredictor:
+    """A model folder's Predictor, or an exported .onnx file's OnnxPredictor (onnxruntime, on the CPU)."""
+    if model.endswith(".onnx"):
+        return OnnxPredictor.from_file(model)
+    return Predictor.from_pretrained(model, device=device)
+
+
+def _report_metrics(rows: InputRows, predictions: list[Prediction], model: Predictor | OnnxPredictor) -> None:
     """The task's metrics on stderr, when the model's classes are the task's; else one line saying why not."""
     task, names = rows.task, model.label_names
     if not labels_fit(task, names):

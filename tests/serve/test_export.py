@@ -132,7 +132,7 @@ def test_export_cli_fails_when_the_check_fails(tmp_path, capsys, monkeypatch):
     folder = write_folders(tmp_path / "run")[1]
     out = tmp_path / "model.onnx"
     monkeypatch.setattr(
-        export,
+        export.cli,
         "check_onnx",
         lambda *a, **k: {"max_abs_diff": 0.0, "labels_equal": True, "keys_equal": False, "examples": 3},
     )
@@ -162,6 +162,6 @@ def test_export_without_tokenizer_files_traces_random_ids(tmp_path, capsys):
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(folder / name, bare / name)
-    assert export._tokenizer(str(bare)) is None
+    assert export.cli._tokenizer(str(bare)) is None
     assert f"note: no tokenizer in {bare}" in capsys.readouterr().err
-    assert export._tokenizer(str(folder)) is not None
+    assert export.cli._tokenizer(str(folder)) is not None
