@@ -48,10 +48,16 @@ def _run_settings(folder: Path) -> dict | None:
 
 
 def compare(fp32: OnnxPredictor, int8: OnnxPredictor, rows: InputRows, batch_size: int = 32) -> dict:
-    """rows, label_agreement (classes) or max_score_diff (regression), and with fitting gold labels
-    metrics: {"fp32": {...}, "int8": {...}}."""
-    ours, theirs = (p.predict(rows.texts, batch_size=batch_size) for p in (fp32, int8))
+    """rows, label_agreement (classes) or max_score_diff (regression), key_agreement (the share of
+    lookups, row x kept position x head, that pick the same key: the lookup is exact, but int8 moves the
+    encoder's queries), and with fitting gold labels metrics: {"fp32": {...}, "int8": {...}}."""
+    ours, theirs = (p.predict(rows.texts, batch_size=batch_size, return_key_indices=True) for p in (fp32, int8))
     result: dict = {"rows": len(ours)}
+    if ours and ours[0].key_indices is not None:
+        pairs = [
+            (a, b) for p, q in zip(ours, theirs) for x, y in zip(p.key_indices, q.key_indices) for a, b in zip(x, y)
+        ]
+        result["key_agreement"] = sum(a == b for a, b in pairs) / max(1, len(pairs))
     if fp32.is_regression:
         guesses = [np.array([p.score for p in ps]) for ps in (ours, theirs)]
         result["max_score_diff"] = float(np.abs(guesses[0] - guesses[1]).max())
@@ -79,6 +85,8 @@ def describe(result: dict) -> str:
     parts = [f"{result['rows']} rows"]
     if "label_agreement" in result:
         parts.append(f"labels agree on {100 * result['label_agreement']:.2f}%")
+    if "key_agreement" in result:
+        parts.append(f"keys agree on {100 * result['key_agreement']:.2f}%")
     if "max_score_diff" in result:
         parts.append(f"max |score diff| {result['max_score_diff']:.4f}")
     for name, value in result.get("metrics", {}).get("fp32", {}).items():

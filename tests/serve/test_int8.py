@@ -92,7 +92,9 @@ def test_int8_cli_checks_on_the_check_file_and_refuses_past_max_drop(runs, tmp_p
     assert main(args + ["--max-drop", "100"]) == 0
     printed = capsys.readouterr().out
     assert "labels equal, keys equal" in printed  # the float32 graph against PyTorch
-    figures = re.search(r"labels agree on ([\d.]+)%; accuracy 100.00 \(float32\) -> ([\d.]+) \(int8\)", printed)
+    figures = re.search(
+        r"labels agree on ([\d.]+)%; keys agree on [\d.]+%; accuracy 100.00 \(float32\) -> ([\d.]+) \(int8\)", printed
+    )
     assert figures and figures[1] == figures[2] and f"on {check_file}: {len(ROWS)} rows" in printed
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["quantization"].startswith("int8") and json.loads(meta["id2label"])["1"] == "positive"
