@@ -1,10 +1,10 @@
 """Int8 ONNX files: onnxruntime's dynamic quantization, with the bottleneck's lookup kept in float32.
 
 quantize_dynamic stores the weights of the encoder's matrix products (MatMul) and its embedding tables
-(Gather) in int8 and quantizes each activation per call. The lookup's nodes (LOOKUP_SCOPE: the projection,
-the key distances, the argmin and the value gather) are excluded, so that the nearest key of a query is
-computed exactly as in the float32 file, against the very same keys and values. check_lookup_kept proves it
-on the written file; an int8 file that does not keep it is an error, not a file.
+(Gather) in int8, per output channel, and quantizes each activation per call. The lookup's nodes
+(LOOKUP_SCOPE: the projection, the key distances, the argmin and the value gather) are excluded, so that
+the nearest key of a query is computed exactly as in the float32 file, against the very same keys and
+values. check_lookup_kept proves it on the written file; an int8 file that does not keep it is an error, not a file.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike) ->
             fp32_path,
             staged,
             weight_type=QuantType.QInt8,
+            # A scale per output channel, on 7 bits: without VNNI (AVX2), u8 x s8 products saturate at 8
+            # bits; both keep more of the queries on the float32 file's keys, at the same speed.
+            per_channel=True,
+            reduce_range=True,
             op_types_to_quantize=list(QUANTIZED_OPS),
             nodes_to_exclude=sorted(lookup),
         )
