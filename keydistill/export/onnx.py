@@ -56,7 +56,10 @@ class ExportableClassifier(nn.Module):
 
     def __init__(self, model: KeyBottleneckClassifier):
         super().__init__()
-        self.model = model.eval()
+        self.model = model
+        # The exporter traces in eval mode, then restores the wrapper's mode, and with it the model's: a
+        # wrapper left in training mode would hand back a model whose next forward updates its keys.
+        self.eval()
         self.lookup = LookupScope()
 
     @property
@@ -123,10 +126,18 @@ def export_onnx(
     model: KeyBottleneckClassifier, path: str | os.PathLike, *, tokenizer=None, opset: int = DEFAULT_OPSET
 ) -> Path:
     """Write `model` as an ONNX file with dynamic batch and sequence axes; returns the path. The export
-    traces a float32 copy on the CPU when the model lives elsewhere."""
+    traces a float32 copy on the CPU when the model lives elsewhere; `model` keeps its train/eval mode."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
         model = copy.deepcopy(model).cpu().float()
-    wrapper = ExportableClassifier(model)
+    training = model.training
+    try:
+        return _export(ExportableClassifier(model), path, tokenizer, opset)
+    finally:
+        model.train(training)
+
+
+def _export(wrapper: ExportableClassifier, path: str | os.PathLike, tokenizer, opset: int) -> Path:
+    model = wrapper.model
     inputs = sample_batch(model, tokenizer)
     if bool(inputs["attention_mask"].all()):
         raise ValueError("the export trace needs a padded batch (texts of different lengths)")
