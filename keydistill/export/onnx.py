@@ -32,7 +32,8 @@ from keydistill.bottleneck import DiscreteKeyBottleneck
 from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier
 
 DEFAULT_OPSET = 17
-LOOKUP_SCOPE = "/lookup/"  # the exported node names of the bottleneck's lookup (ExportableLookup)
+LOOKUP_SCOPE = "/lookup/"  # the exported node names of the bottleneck's lookup start so (LookupScope)
+HEAD_SCOPE = "/head/"  # and those of the classification head hold this
 # Sentences of varied length for the export trace (a padded batch, so that the traced graph keeps the
 # attention mask) and for the post-export check.
 SAMPLE_TEXTS = (

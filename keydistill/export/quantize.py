@@ -4,7 +4,8 @@ quantize_dynamic stores the weights of the encoder's matrix products (MatMul) an
 (Gather) in int8, per output channel, and quantizes each activation per call. The lookup's nodes
 (LOOKUP_SCOPE: the projection, the key distances, the argmin and the value gather) are excluded, so that
 the nearest key of a query is computed exactly as in the float32 file, against the very same keys and
-values. check_lookup_kept proves it on the written file; an int8 file that does not keep it is an error, not a file.
+values; so is the classification head after it (head_node_names). check_lookup_kept proves it on the
+written file; an int8 file that does not keep it is an error, not a file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from keydistill.export.onnx import LOOKUP_SCOPE, read_metadata, write_metadata
+from keydistill.export.onnx import HEAD_SCOPE, LOOKUP_SCOPE, read_metadata, write_metadata
 
 QUANTIZED_OPS = ("MatMul", "Gather")
 
@@ -46,7 +47,7 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike) ->
             per_channel=True,
             reduce_range=True,
             op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_exclude=sorted(lookup),
+            nodes_to_exclude=sorted(lookup | head_node_names(fp32_path)),
         )
         check_lookup_kept(fp32_path, staged)
         write_metadata(staged, {**meta, "quantization": "int8 dynamic (" + ", ".join(QUANTIZED_OPS) + ")"})
@@ -59,6 +60,16 @@ def lookup_node_names(path: str | os.PathLike) -> set[str]:
     import onnx
 
     return {n.name for n in onnx.load(str(path)).graph.node if n.name.startswith(LOOKUP_SCOPE)}
+
+
+def head_node_names(path: str | os.PathLike) -> set[str]:
+    """The classification head's nodes: kept in float32 too. It is small (no time to gain), and quantizing
+    its input per call would make a row's output depend on the other rows of its batch."""
+    import onnx
+
+    nodes = [n for n in onnx.load(str(path)).graph.node if HEAD_SCOPE in n.name]
+    # The quantizer first rewrites a Gemm as MatMul + Add, the MatMul named after it: exclude that name too.
+    return {n.name for n in nodes} | {n.name + "_MatMul" for n in nodes if n.op_type == "Gemm"}
 
 
 def check_lookup_kept(fp32_path: str | os.PathLike, int8_path: str | os.PathLike) -> None:
