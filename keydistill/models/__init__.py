@@ -4,7 +4,7 @@
   set_label_names; transformers PreTrainedModels with their own configs.
 - transfer_weights, carry_keys, student_from_teacher, student_config_from_teacher: building a student.
 - register_with_transformers: AutoConfig / AutoModelForSequenceClassification know both model types
-  (done by `import keydistill`).
+  (done on import; `import keydistill` imports this module once transformers is imported).
 """
 
 from keydistill.bottleneck import BottleneckConfig
@@ -48,3 +48,6 @@ def register_with_transformers() -> None:
         AutoConfig.register(model_class.config_class.model_type, model_class.config_class, exist_ok=True)
         AutoModelForSequenceClassification.register(model_class.config_class, model_class, exist_ok=True)
         AutoTokenizer.register(model_class.config_class, fast_tokenizer_class=BertTokenizerFast, exist_ok=True)
+
+
+register_with_transformers()  # so `import keydistill` registers as soon as transformers is imported

@@ -17,9 +17,8 @@ from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
 from keydistill.data import TASKS, DataError, compute_metrics
 from keydistill.devices import DEVICE_HELP, check_device, resolve_auto
 from keydistill.errors import InputError
-from keydistill.models import KeyBottleneckClassifier
 from keydistill.models.classifiers import read_checkpoint_config
-from keydistill.predict import Prediction, Predictor
+from keydistill.predict import OnnxPredictor, Prediction, Predictor
 from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
 
 
@@ -113,21 +112,20 @@ def predict_command(argv: list[str]) -> int:
     except DataError as e:
         return fail(str(e))
     try:
-        predictor = Predictor.from_pretrained(args.model, device=device)
+        predictor = _load_predictor(args.model, device)
     except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable weights, no tokenizer
         return fail(load_error(args.model, e))
     if args.max_length is not None:
-        limit = predictor.model.config.max_position_embeddings
+        limit = predictor.max_positions
         if args.max_length > limit:
             return fail(
                 f"--max-length {args.max_length} is over the {limit} positions of {args.model} "
                 "(its max_position_embeddings)"
             )
         predictor.max_length = args.max_length
-    regression = predictor.model.is_regression
+    regression = predictor.is_regression
     print(
-        f"{args.model}: "
-        + ("a regression score" if regression else "labels " + ", ".join(predictor.model.label_names)),
+        f"{args.model}: " + ("a regression score" if regression else "labels " + ", ".join(predictor.label_names)),
         file=sys.stderr,
     )
     predictions = predictor.predict(rows.texts, batch_size=args.batch_size, return_key_indices=args.key_indices)
@@ -144,7 +142,7 @@ def predict_command(argv: list[str]) -> int:
         except OSError as e:
             return fail(f"--output {args.output}: {e.strerror or e}")
     if rows.labels is not None:
-        _report_metrics(rows, predictions, predictor.model)
+        _report_metrics(rows, predictions, predictor)
     if args.output != "-":  # on stdout the predictions themselves are the output
         print(wrote(args.output, [f"{len(predictions)} predictions"]), file=sys.stderr)
     return 0
@@ -155,7 +153,14 @@ def load_error(folder: str, error: Exception) -> str:
     return str(error) if str(folder) in str(error) else f"cannot load the model {folder}: {error}"
 
 
-def _report_metrics(rows: InputRows, predictions: list[Prediction], model: KeyBottleneckClassifier) -> None:
+def _load_predictor(model: str, device) -> Predictor | OnnxPredictor:
+    """A model folder's Predictor, or an exported .onnx file's OnnxPredictor (onnxruntime, on the CPU)."""
+    if model.endswith(".onnx"):
+        return OnnxPredictor.from_file(model)
+    return Predictor.from_pretrained(model, device=device)
+
+
+def _report_metrics(rows: InputRows, predictions: list[Prediction], model: Predictor | OnnxPredictor) -> None:
     """The task's metrics on stderr, when the model's classes are the task's; else one line saying why not."""
     task, names = rows.task, model.label_names
     if not labels_fit(task, names):

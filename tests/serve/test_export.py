@@ -132,7 +132,7 @@ def test_export_cli_fails_when_the_check_fails(tmp_path, capsys, monkeypatch):
     folder = write_folders(tmp_path / "run")[1]
     out = tmp_path / "model.onnx"
     monkeypatch.setattr(
-        export,
+        export.cli,
         "check_onnx",
         lambda *a, **k: {"max_abs_diff": 0.0, "labels_equal": True, "keys_equal": False, "examples": 3},
     )
@@ -162,6 +162,23 @@ def test_export_without_tokenizer_files_traces_random_ids(tmp_path, capsys):
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(folder / name, bare / name)
-    assert export._tokenizer(str(bare)) is None
+    assert export.cli._tokenizer(str(bare)) is None
     assert f"note: no tokenizer in {bare}" in capsys.readouterr().err
-    assert export._tokenizer(str(folder)) is not None
+    assert export.cli._tokenizer(str(folder)) is not None
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_export_leaves_the_model_as_it_was(tmp_path, mode):
+    """The exporter restores its module's mode after tracing: the model must come back in its own mode, with
+    its keys untouched by the forwards that follow (an export once left it training: each forward moved keys)."""
+    folder = write_folders(tmp_path / "run")[0]
+    model, tokenizer = load_model(folder), AutoTokenizer.from_pretrained(folder)
+    model.train(mode == "train")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "model.onnx", tokenizer=tokenizer)
+    assert model.training == (mode == "train")
+    assert all(m.training == (mode == "train") for m in model.modules())
+    if mode == "eval":
+        with torch.no_grad():
+            model(**padded(tokenizer, SENTENCES))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -1,15 +1,18 @@
-"""ONNX export of a keydistill model: `python -m keydistill.export runs/sst2/student --onnx student.onnx`.
+"""The float32 ONNX graph of a keydistill model, and its check against PyTorch.
 
 The exported graph takes input_ids and attention_mask [batch, sequence] (and token_type_ids for a BERT
 teacher), both axes dynamic, and returns logits [batch, num_labels] and, with a bottleneck, key_indices
 [batch, positions, heads] (positions: 1 for cls pooling; the sequence for mean pooling, -1 at padding).
-The label names and the bottleneck settings go into the file's metadata (metadata_props).
+The file's metadata (metadata_props) carries what serving it needs without PyTorch or the model folder
+(keydistill.predict.onnx_predictor): the label names, problem type, bottleneck settings, truncation length,
+and the tokenizer (its tokenizer.json).
 
 Export mode: the model's own lookup goes through keydistill.ops.nearest_key, a custom op ONNX has no
 counterpart for, and pools with data-dependent shapes. ExportableClassifier runs the same eval-mode path in
 plain tensor ops instead: the nearest key as argmin_k ||k||^2 - 2 q.k (||q||^2 is the same for every k;
 ties go to the lowest k, as in nearest_key), then the values, the mean over heads and the masked mean over
-positions. check_onnx compares the exported file in onnxruntime against the PyTorch model.
+positions. Its nodes are named under LOOKUP_SCOPE, so that int8 quantization can leave them in float32
+(keydistill.export.quantize). check_onnx compares the exported file in onnxruntime against the PyTorch model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import copy
 import inspect
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -27,12 +29,11 @@ import torch
 from torch import nn
 
 from keydistill.bottleneck import DiscreteKeyBottleneck
-from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
-from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier, load_model
-from keydistill.models.classifiers import has_tokenizer
-from keydistill.predict.cli import fail, load_error
+from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier
 
 DEFAULT_OPSET = 17
+LOOKUP_SCOPE = "/lookup/"  # the exported node names of the bottleneck's lookup start so (LookupScope)
+HEAD_SCOPE = "/head/"  # and those of the classification head hold this
 # Sentences of varied length for the export trace (a padded batch, so that the traced graph keeps the
 # attention mask) and for the post-export check.
 SAMPLE_TEXTS = (
@@ -56,7 +57,11 @@ class ExportableClassifier(nn.Module):
 
     def __init__(self, model: KeyBottleneckClassifier):
         super().__init__()
-        self.model = model.eval()
+        self.model = model
+        # The exporter traces in eval mode, then restores the wrapper's mode, and with it the model's: a
+        # wrapper left in training mode would hand back a model whose next forward updates its keys.
+        self.eval()
+        self.lookup = LookupScope()
 
     @property
     def input_names(self) -> list[str]:
@@ -74,8 +79,16 @@ class ExportableClassifier(nn.Module):
         hidden = model._encode(input_ids, attention_mask, token_type_ids)
         if model.bottleneck is None:
             return (model.head(hidden[:, 0]),)
-        pooled, key_indices = exportable_lookup(model.bottleneck, hidden, attention_mask)
+        pooled, key_indices = self.lookup(model.bottleneck, hidden, attention_mask)
         return model.head(pooled), key_indices
+
+
+class LookupScope(nn.Module):
+    """exportable_lookup called as a submodule: the exporter names its nodes LOOKUP_SCOPE..., so that
+    quantization can find and skip them. It holds no weights (the bottleneck stays the model's)."""
+
+    def forward(self, bottleneck: DiscreteKeyBottleneck, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        return exportable_lookup(bottleneck, hidden, attention_mask)
 
 
 def exportable_lookup(bottleneck: DiscreteKeyBottleneck, hidden: torch.Tensor, attention_mask: torch.Tensor):
@@ -114,10 +127,18 @@ def export_onnx(
     model: KeyBottleneckClassifier, path: str | os.PathLike, *, tokenizer=None, opset: int = DEFAULT_OPSET
 ) -> Path:
     """Write `model` as an ONNX file with dynamic batch and sequence axes; returns the path. The export
-    traces a float32 copy on the CPU when the model lives elsewhere."""
+    traces a float32 copy on the CPU when the model lives elsewhere; `model` keeps its train/eval mode."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
         model = copy.deepcopy(model).cpu().float()
-    wrapper = ExportableClassifier(model)
+    training = model.training
+    try:
+        return _export(ExportableClassifier(model), path, tokenizer, opset)
+    finally:
+        model.train(training)
+
+
+def _export(wrapper: ExportableClassifier, path: str | os.PathLike, tokenizer, opset: int) -> Path:
+    model = wrapper.model
     inputs = sample_batch(model, tokenizer)
     if bool(inputs["attention_mask"].all()):
         raise ValueError("the export trace needs a padded batch (texts of different lengths)")
@@ -142,24 +163,45 @@ def export_onnx(
                 do_constant_folding=True,
                 **options,
             )
-    _add_metadata(path, model)
+    write_metadata(path, serving_metadata(model, tokenizer))
     return path
 
 
-def _add_metadata(path: Path, model: KeyBottleneckClassifier) -> None:
-    import onnx
-
-    graph = onnx.load(str(path))
+def serving_metadata(model: KeyBottleneckClassifier, tokenizer=None) -> dict[str, str]:
+    """What a file needs to be served alone: labels, problem type, bottleneck, truncation and tokenizer.
+    max_length is keydistill.predict.Predictor's default: the position embeddings, or the tokenizer's limit."""
+    limit = model.config.max_position_embeddings
     bottleneck = model.bottleneck.config.to_dict() if model.bottleneck is not None else None
     meta = {
         "model_class": type(model).__name__,
         "id2label": json.dumps(dict(enumerate(model.label_names))),
         "problem_type": model.config.problem_type,
         "bottleneck": json.dumps(bottleneck),
+        "max_length": str(min(limit, getattr(tokenizer, "model_max_length", None) or limit)),
     }
-    for key, value in meta.items():
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers only
+    if backend is not None:
+        meta["tokenizer"] = backend.to_str()
+        meta["pad_token_id"] = str(tokenizer.pad_token_id or 0)
+    return meta
+
+
+def write_metadata(path: str | os.PathLike, meta: dict[str, str]) -> None:
+    """Set the file's metadata_props (replacing keys it already has)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in graph.metadata_props if p.key not in meta]
+    del graph.metadata_props[:]
+    for key, value in kept + list(meta.items()):
         graph.metadata_props.add(key=key, value=value)
     onnx.save(graph, str(path))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 LABEL_TIE = 1e-5  # logits closer than this are a tie that float rounding may break either way
@@ -215,93 +257,3 @@ def _decided_keys(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     best2 = scores.topk(2, dim=-1, largest=False).values
     scale = scores.abs().amax(-1).clamp_min(1.0)
     return (best2[..., 1] - best2[..., 0]) > KEY_TIE * scale
-
-
-def build_parser() -> Parser:
-    parser = Parser(
-        prog="python -m keydistill.export",
-        description=paragraphs(
-            "Export a model folder written by keydistill as one ONNX file with dynamic batch and sequence axes, "
-            "then check it in onnxruntime against PyTorch."
-        ),
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
-    parser.add_argument("--onnx", required=True, help="the ONNX file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
-    parser.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime against PyTorch")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return run_command(lambda: export_command(argv))
-
-
-def export_command(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if os.path.isdir(args.onnx):
-        return fail(f"--onnx {args.onnx}: is a directory (give the file to write)")
-    try:
-        model = load_model(args.model)
-    except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable or unfitting weights
-        return fail(load_error(args.model, e))
-    tokenizer = _tokenizer(args.model)
-    try:
-        path = export_onnx(model, args.onnx, tokenizer=tokenizer, opset=args.opset)
-    except OSError as e:  # a parent that is a file, no permission, a full disk
-        return fail(f"--onnx {args.onnx}: {e.strerror or e}")
-    wrapper = ExportableClassifier(model)
-    print(
-        f"{path}: inputs {', '.join(wrapper.input_names)} [batch, sequence]; outputs "
-        f"{', '.join(wrapper.output_names)}; labels {list(model.label_names)}"
-    )
-    status = 0 if args.no_check else check_export(model, tokenizer, path)
-    print(wrote(path, [f"{path.stat().st_size / 2**20:.1f} MiB"]))
-    return status
-
-
-def check_export(model: KeyBottleneckClassifier, tokenizer, path: Path) -> int:
-    """Run the exported file in onnxruntime against PyTorch; the exit status (1: they differ)."""
-    texts = SAMPLE_TEXTS
-    batches = [
-        sample_batch(model, tokenizer, texts),
-        sample_batch(model, tokenizer, texts[:1]),
-        sample_batch(model, tokenizer, texts[2:5]),
-    ]  # other batch sizes and lengths than the trace's
-    result = check_onnx(model, path, batches)
-    print(
-        f"onnxruntime vs PyTorch on {result['examples']} examples: max |logit diff| {result['max_abs_diff']:.2e}, "
-        f"labels {'equal' if result['labels_equal'] else 'DIFFER'}, "
-        f"keys {'equal' if result['keys_equal'] else 'DIFFER'}"
-    )
-    wrong = []
-    if result["max_abs_diff"] > 1e-4:
-        wrong.append(f"max |logit diff| {result['max_abs_diff']:.2e} > 1e-4")
-    if not result["labels_equal"]:
-        wrong.append("labels differ")
-    if not result["keys_equal"]:  # key_indices is one of the file's outputs, and picks the values behind the logits
-        wrong.append("key indices differ")
-    if wrong:
-        print(f"error: {path} does not match PyTorch ({', '.join(wrong)})", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _tokenizer(folder: str):
-    """The folder's tokenizer, or None (the export then traces random token ids)."""
-    from transformers import AutoTokenizer
-
-    try:
-        # transformers 5 loads a folder without tokenizer files as an empty-vocabulary tokenizer instead of
-        # raising: its ids (all [UNK]) would trace and check one token.
-        if has_tokenizer(folder):
-            return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        pass
-    print(f"note: no tokenizer in {folder}; tracing and checking with random token ids", file=sys.stderr)
-    return None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

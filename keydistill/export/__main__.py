@@ -1,0 +1,5 @@
+import sys
+
+from keydistill.export.cli import main
+
+sys.exit(main())

