@@ -16,8 +16,9 @@ import torch
 
 ALL = ("cuda", "triton", "cpp", "torch")
 
-# Preference per device type for `auto`. On CUDA the order is per op, from benchmarks/gpu_check.py
-# (update it from that script's table). The Triton interpreter (CPU) is exact but slow: never automatic.
+# Preference per device type for `auto`. On CUDA the order is per op and not yet measured (no GPU run so
+# far): compiled CUDA first where it exists, Triton first for kd_loss (fewer launches at small shapes);
+# benchmarks/gpu_check.py prints the timings to set it from. The Triton interpreter (CPU) is never automatic.
 AUTO_ORDER = {
     "cpu": {
         "nearest_key": ("cpp", "torch"),

@@ -96,7 +96,7 @@ def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
     at_most("H", h, MAX_HEADS)  # the Triton kernels put heads on CUDA's grid.y
     at_most("N", x.shape[0], INT32_MAX - 1)
     at_most("d", d, INT32_MAX)
-    if index.numel() and (torch.compiler.is_compiling() or index.device.type == "cuda"):
+    if index.numel() and (torch.compiler.is_compiling() or index.device.type != "cpu"):
         # Inside a compiled graph a host-side check would break the graph, and on a GPU it would wait for the
         # kernels queued before it at every EMA step: assert on the device instead (as the CUDA kernel does).
         torch._assert_async(((index >= 0) & (index < k)).all(), f"index holds values outside [0, K={k})")
@@ -252,11 +252,14 @@ def check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2,
             raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not (1 <= step < math.inf):
         raise ValueError(f"step must be a finite number >= 1, got {step!r}")
-    if rows.numel() and not torch.compiler.is_compiling():
-        # One pass over U ints: what makes the rows independent (and the update defined) is that they are distinct.
-        lo, hi = int(rows[0]), int(rows[-1])
-        if lo < 0 or hi >= param.shape[0] or (rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all())):
-            raise ValueError(
-                f"rows must be strictly increasing values in [0, R={param.shape[0]}) (a coalesced "
-                f"sparse gradient's), got values from {lo} to {hi}"
-            )
+    if not rows.numel():
+        return
+    # One pass over U ints: what makes the rows independent (and the update defined) is that they are distinct.
+    valid = (rows[0] >= 0) & (rows[-1] < param.shape[0]) & (rows[1:] > rows[:-1]).all()
+    if torch.compiler.is_compiling() or rows.device.type != "cpu":  # a host read would wait for the device
+        torch._assert_async(valid, f"rows must be strictly increasing values in [0, R={param.shape[0]})")
+    elif not valid:
+        raise ValueError(
+            f"rows must be strictly increasing values in [0, R={param.shape[0]}) (a coalesced "
+            f"sparse gradient's), got values from {int(rows[0])} to {int(rows[-1])}"
+        )

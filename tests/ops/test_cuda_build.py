@@ -6,6 +6,7 @@ dropped them fails here rather than skipping. Whether the kernels compute the ri
 by the shared backend tests, which benchmarks/gpu_check.py runs; its own logic is tested at the end.
 """
 
+import ast
 import glob
 import importlib.util
 import os
@@ -26,16 +27,41 @@ def _truthy(name: str) -> bool:  # as setup.py reads its switches
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-# setup.py builds the CUDA kernels exactly when torch is a CUDA build, nvcc is there and nobody opted out;
-# KEYDISTILL_REQUIRE_CUDA=1 (CI) expects them whatever this machine has, so a CPU-only torch fails instead
-# of skipping.
+def setup_find_cuda_home():
+    """setup.py's own find_cuda_home (PATH, CUDA_HOME, /usr/local/cuda*), run without running setup()."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    (function,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "find_cuda_home"]
+    namespace = {"glob": glob, "os": os, "shutil": shutil}
+    exec(compile(ast.Module([function], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace["find_cuda_home"]()
+
+
+# setup.py builds the CUDA kernels exactly when torch is a CUDA build, it finds a toolkit and nobody opted
+# out; KEYDISTILL_REQUIRE_CUDA=1 (CI) expects them whatever this machine has, so a CPU-only torch fails
+# instead of skipping.
 REQUIRE_CUDA = _truthy("KEYDISTILL_REQUIRE_CUDA")
 CUDA_EXPECTED = REQUIRE_CUDA or (
-    torch.version.cuda is not None and shutil.which("nvcc") is not None and not _truthy("KEYDISTILL_SKIP_CUDA")
+    torch.version.cuda is not None and setup_find_cuda_home() is not None and not _truthy("KEYDISTILL_SKIP_CUDA")
 )
 needs_cuda_build = pytest.mark.skipif(
     not CUDA_EXPECTED, reason="no CUDA build expected: torch without CUDA, no nvcc, or KEYDISTILL_SKIP_CUDA=1"
 )
+
+
+def test_the_toolkit_is_found_where_setup_py_finds_it(tmp_path, monkeypatch):
+    """A toolkit outside the PATH (a fresh image's /usr/local/cuda) counts as setup.py counts it."""
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("")
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert shutil.which("nvcc") is None and setup_find_cuda_home() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    assert setup_find_cuda_home() in (None, "/usr/local/cuda") or setup_find_cuda_home().startswith("/usr/local/cuda-")
 
 
 def test_extension_loads_without_a_gpu():
