@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from keydistill.bottleneck import BottleneckConfig, DiscreteKeyBottleneck
+from keydistill.losses import DistillationWeights, distillation_loss
 from keydistill.ops import _checks, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -179,3 +180,20 @@ def test_the_dead_key_restart_reads_nothing_on_the_host():
     bottleneck = DiscreteKeyBottleneck(8, BottleneckConfig(num_heads=2, num_keys=4)).to("meta")
     with HostReads(), torch.no_grad():
         bottleneck._restart_dead_keys(meta(5, 2, 4))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_every_loss_term_lives_on_the_logits_device(device):
+    """Without a bottleneck (--keys none) the aux term is a zero the loop stacks with the others."""
+
+    class Output:
+        logits = torch.randn(4, 3, device=device)
+        task_loss = torch.tensor(0.5, device=device)
+        aux_loss = None
+
+    features = torch.randn(4, 8, device=device)
+    terms = distillation_loss(
+        Output, torch.randn(4, 3, device=device), features, features + 1, DistillationWeights(0.5, 2.0, 1.0)
+    )
+    assert {t.device.type for t in terms.values()} == {torch.device(device).type}
+    torch.stack(list(terms.values()))  # what the training loop does with them
