@@ -2,8 +2,8 @@
 
 Importing this module loads _C (whose static initialisers register the schemas and the CPU/CUDA kernels),
 then registers fake (meta) kernels and autograd so the ops work under torch.compile and pass
-torch.library.opcheck. It exposes the backend interface used by keydistill.ops: nearest_key,
-ema_update_, kd_loss_rows. The dispatcher picks the CPU or CUDA kernel from the tensors' device.
+torch.library.opcheck. It is the module of the cpp and cuda backends (keydistill.ops._backends.Backend); the
+dispatcher picks the CPU or CUDA kernel from the tensors' device.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, determinist
 
 def sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize):
     torch.ops.keydistill.sparse_adamw_(
-        param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize
+        param, exp_avg, exp_avg_sq, rows, grad.contiguous(), lr, beta1, beta2, eps, weight_decay, step, maximize
     )
 
 
