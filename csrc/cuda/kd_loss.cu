@@ -1,4 +1,5 @@
-// kd_loss_fwd on CUDA: per row, T^2 * KL(softmax(t/T) || softmax(s/T)) and its gradient T * (p_s - p_t).
+// kd_loss_fwd on CUDA: per row, T^2 * KL(softmax(t/T) || softmax(s/T)) and its gradient times grad_scale,
+// grad_scale * T * (p_s - p_t) (a reduction's 1/N folded in: no separate pass to scale it).
 //
 // One block per row. The first sweep streams V once, keeping for student and teacher together an online
 // max and sum of exponentials, plus the teacher-weighted sum of (b - a); with a = s/T and b = t/T,
@@ -133,7 +134,8 @@ __device__ __forceinline__ void zero_row(float* loss, s_t* g, int64_t num_classe
 template <typename s_t, typename t_t>
 __global__ void __launch_bounds__(kThreads)
     kd_loss_kernel(const s_t* __restrict__ student, const t_t* __restrict__ teacher, const bool* __restrict__ mask,
-                   float* __restrict__ loss, s_t* __restrict__ grad, int64_t num_classes, float temperature) {
+                   float* __restrict__ loss, s_t* __restrict__ grad, int64_t num_classes, float temperature,
+                   float grad_factor) {
   const int64_t row = blockIdx.x;
   const s_t* s = student + row * num_classes;
   const t_t* t = teacher + row * num_classes;
@@ -175,14 +177,14 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t j = threadIdx.x; j < num_classes; j += kThreads) {
     const float p_s = fast_exp2((to_float(s[j]) * inv_t - st.max_a) * kLog2e - log_sum_a);
     const float p_t = fast_exp2((to_float(t[j]) * inv_t - st.max_b) * kLog2e - log_sum_b);
-    g[j] = from_float<s_t>(temperature * (p_s - p_t));
+    g[j] = from_float<s_t>(grad_factor * (p_s - p_t));
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                     double temperature, const std::optional<at::Tensor>& mask_in,
-                                                    bool compute_grad) {
-  checks::kd_loss_fwd_args(student_in, teacher_in, temperature, mask_in);  // one device for all, so one guard
+                                                    bool compute_grad, double grad_scale) {
+  checks::kd_loss_fwd_args(student_in, teacher_in, temperature, mask_in, grad_scale);  // one device: one guard
   check_cuda(student_in, "kd_loss_fwd", "student");
   const c10::cuda::CUDAGuard device_guard(student_in.device());
   const at::Tensor student = student_in.contiguous();
@@ -200,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student_in
       using t_t = typename decltype(t_type)::type;
       kd_loss_kernel<s_t, t_t><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
           data<const s_t>(student), data<const t_t>(teacher), mask_ptr, data<float>(loss),
-          compute_grad ? data<s_t>(grad) : nullptr, num_classes, static_cast<float>(temperature));
+          compute_grad ? data<s_t>(grad) : nullptr, num_classes, static_cast<float>(temperature),
+          static_cast<float>(grad_scale * temperature));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keydistill.ops import reference
+from keydistill.ops import _checks, reference
 
 __all__ = ["nearest_key", "ema_update_", "kd_loss", "kd_loss_rows", "sparse_adamw_"]
 
@@ -13,6 +13,8 @@ def nearest_key(x, keys):
 
 def ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, deterministic):
     # deterministic: ignored, as the torch backend always has (torch's own deterministic mode governs it)
+    if index.numel() and index.device.type != "cpu":  # an index past K would land in the next head's slots
+        _checks.assert_index_on_device(index, keys.shape[1])
     reference.ema_update_(keys, cluster_size, embed_sum, x, index.long(), decay=decay, eps=eps)
 
 
