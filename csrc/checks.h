@@ -111,9 +111,10 @@ inline void ema_update_args(const at::Tensor& keys, const at::Tensor& cluster_si
   TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "keydistill::", op, ": eps must be finite and > 0, got ", eps);
 }
 
-// student, teacher [N, V] of one shape (float32/16/bf16 each, any strides); temperature finite > 0; mask bool [N].
+// student, teacher [N, V] of one shape (float32/16/bf16 each, any strides); temperature finite > 0; mask bool [N];
+// grad_scale finite.
 inline void kd_loss_fwd_args(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                             const std::optional<at::Tensor>& mask) {
+                             const std::optional<at::Tensor>& mask, double grad_scale = 1.0) {
   constexpr const char* op = "kd_loss_fwd";
   dims(op, "student", student, 2, "[N, V]");
   TORCH_CHECK(teacher.sizes() == student.sizes(), "keydistill::", op, ": student ", student.sizes(), " and teacher ",
@@ -123,6 +124,7 @@ inline void kd_loss_fwd_args(const at::Tensor& student, const at::Tensor& teache
   float_input(op, "teacher", teacher);
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "keydistill::", op,
               ": temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK(std::isfinite(grad_scale), "keydistill::", op, ": grad_scale must be finite, got ", grad_scale);
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, "keydistill::", op, ": mask must be bool, got ", mask->scalar_type());
     TORCH_CHECK(mask->dim() == 1 && mask->size(0) == student.size(0), "keydistill::", op, ": mask must be [N=",

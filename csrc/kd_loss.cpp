@@ -9,12 +9,17 @@
 // Memory: forward + backward hold one [N, V] buffer, the fused gradient, which backward scales in place (out
 // of place only under tracing: FakeTensor / functionalization). Backward therefore consumes the buffer: a
 // second backward through the same graph raises instead of giving wrong gradients.
+//
+// Passes: batchmean's 1/N (whenever N is known on the host) is folded into the kernel's gradient, so backward
+// scales only by the incoming gradient, and not at all on the host when that is 1 (loss.backward()).
 #include <ATen/Dispatch.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "checks.h"
 
 namespace keydistill {
 namespace {
@@ -32,12 +37,13 @@ Reduction parse_reduction(c10::string_view r) {
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd(const at::Tensor& student, const at::Tensor& teacher, double temperature,
-                                               const std::optional<at::Tensor>& mask, bool compute_grad) {
+                                               const std::optional<at::Tensor>& mask, bool compute_grad,
+                                               double grad_scale) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("keydistill::kd_loss_fwd", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
-                                                                       const std::optional<at::Tensor>&, bool)>();
-  return op.call(student, teacher, temperature, mask, compute_grad);
+                                                                       const std::optional<at::Tensor>&, bool, double)>();
+  return op.call(student, teacher, temperature, mask, compute_grad, grad_scale);
 }
 
 // The number of rows batchmean divides by: N, or the included rows (at least 1) as a 0-dim tensor.
@@ -106,9 +112,11 @@ struct Forward {
 Forward run_forward(const at::Tensor& student, const at::Tensor& teacher, double temperature,
                     const std::optional<at::Tensor>& mask, c10::string_view reduction, bool compute_grad) {
   const Reduction r = parse_reduction(reduction);
-  // The kernel first: it validates every argument (csrc/checks.h) before the mask is read here.
-  auto [rows, grad] = kd_loss_fwd(student, teacher, temperature, mask, compute_grad);
+  // The mask is read here before the kernel checks it: check first (at [32, 2] a second check is not free).
+  if (mask.has_value() || student.dim() != 2) checks::kd_loss_fwd_args(student, teacher, temperature, mask);
   const Denominator den = r == Reduction::kBatchMean ? batch_denominator(student, mask) : Denominator{};
+  const double grad_scale = r == Reduction::kBatchMean && !den.included.defined() ? 1.0 / den.rows : 1.0;
+  auto [rows, grad] = kd_loss_fwd(student, teacher, temperature, mask, compute_grad, grad_scale);
   return {reduce(rows, r, den), grad, r, den};
 }
 
@@ -125,7 +133,6 @@ struct KDLossFunction : public torch::autograd::Function<KDLossFunction> {
     Forward f = run_forward(student, teacher, temperature, mask, reduction, /*compute_grad=*/true);
     ctx->save_for_backward({f.grad, f.den.included});
     ctx->saved_data["reduction"] = static_cast<int64_t>(f.reduction);
-    ctx->saved_data["rows"] = f.den.rows;
     return f.loss;
   }
 
@@ -142,15 +149,12 @@ struct KDLossFunction : public torch::autograd::Function<KDLossFunction> {
     const auto r = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
     const at::Tensor& go = grad_outputs[0];
     if (r != Reduction::kNone && on_host(grad) && on_host(go) && !included.defined()) {
-      // The usual case (a scalar loss on the CPU): one pass with a host factor, no ATen ops.
-      const double divide_by = r == Reduction::kSum ? 1.0 : ctx->saved_data["rows"].toDouble();
-      scale_on_host(grad, host_scalar(go) / divide_by);
+      // The usual case (a scalar loss on the CPU): 1/N is in the gradient already; no pass at all when the
+      // incoming gradient is 1, else one with a host factor, no ATen ops.
+      scale_on_host(grad, host_scalar(go));
       return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    at::Tensor scale = r == Reduction::kNone ? go.unsqueeze(1)
-                       : r == Reduction::kSum ? go
-                       : included.defined()   ? go.div(included)
-                                              : go.div(ctx->saved_data["rows"].toDouble());
+    at::Tensor scale = r == Reduction::kNone ? go.unsqueeze(1) : included.defined() ? go.div(included) : go;
     // Tracers (FakeTensor, functionalization) get the out-of-place form, which they can partition.
     at::Tensor grad_student = at::isTensorSubclassLike(grad) ? grad.mul(scale) : grad.mul_(scale);
     return {grad_student, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

@@ -17,8 +17,11 @@ TORCH_LIBRARY(keydistill, m) {
       "ema_update_(Tensor(a!) keys, Tensor(b!) cluster_size, Tensor(c!) embed_sum, Tensor x, Tensor index, "
       "float decay, float eps, bool deterministic) -> ()");
   // Per-row T^2*KL(softmax(t/T)||softmax(s/T)) as float32 [N] and, if compute_grad, its gradient w.r.t.
-  // student [N,V] (student's dtype; else an empty tensor). Rows with mask[n]==false give 0 loss and 0 grad.
-  m.def("kd_loss_fwd(Tensor student, Tensor teacher, float temperature, Tensor? mask, bool compute_grad) -> (Tensor, Tensor)");
+  // student [N,V] times grad_scale (student's dtype; else an empty tensor): a reduction's 1/N folded into the
+  // kernel. Rows with mask[n]==false give 0 loss and 0 grad.
+  m.def(
+      "kd_loss_fwd(Tensor student, Tensor teacher, float temperature, Tensor? mask, bool compute_grad, "
+      "float grad_scale=1.0) -> (Tensor, Tensor)");
   // The reduced loss ('batchmean', 'sum' or 'none'), differentiable w.r.t. student; autograd in C++
   // (csrc/kd_loss.cpp) so that small logits cost little more than one op call.
   m.def("kd_loss(Tensor student, Tensor teacher, float temperature, Tensor? mask, str reduction) -> Tensor");

@@ -288,7 +288,8 @@ class DiscreteKeyBottleneck(nn.Module):
     def _restart_dead_keys(self, recent: torch.Tensor) -> None:
         """Move dead keys onto random vectors of `recent` [N, H, d] and give them their head's mean count."""
         dead = self.dead_keys()
-        if recent.shape[0] == 0 or not bool(dead.any()):
+        # Off the CPU no early exit: reading dead.any() would wait for the step; restarting no key changes nothing.
+        if recent.shape[0] == 0 or (recent.device.type == "cpu" and not bool(dead.any())):
             return
         h, k, _ = self.keys.shape
         rows = torch.randint(recent.shape[0], (h, k), device=recent.device)

@@ -119,7 +119,10 @@ def distillation_loss(
         "task": student_out.task_loss,
         "feature": F.mse_loss(student_features.float(), teacher_features.float()),
     }
-    aux = student_out.aux_loss if student_out.aux_loss is not None else torch.zeros(())
+    # Without a bottleneck the aux term is a zero on the logits' device: the loop stacks every term.
+    aux = student_out.aux_loss
+    if aux is None:
+        aux = student_out.logits.new_zeros((), dtype=torch.float32)
     terms["total"] = (
         weights.alpha * terms["soft"]
         + (1 - weights.alpha) * terms["task"]

@@ -152,8 +152,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     and copy) to take its norm and scales it by allocating new values; here a gradient whose rows already
     increase (keydistill.value_lookup's) is read and scaled in place. Returns the total norm (float32)."""
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.tensor(0.0)
+    if not params:  # no gradient anywhere, so no device to follow
+        return torch.zeros((), device="cpu")
     norms, scaled = [], []
     for p in params:
         if p.grad.is_sparse:

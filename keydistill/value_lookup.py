@@ -41,9 +41,11 @@ class _BagMean(torch.autograd.Function):
         rows, offsets = ctx.saved_tensors
         h, k, v = ctx.table_shape
         # Each lookup's share of its bag's gradient, regrouped by table row: the transposed mean.
-        sizes = torch.diff(offsets, append=offsets.new_tensor([rows.numel()]))
+        sizes = torch.diff(offsets, append=offsets.new_full((1,), rows.numel()))  # a fill, not a host copy
         share = grad_out / sizes.clamp_min(1).unsqueeze(1).to(grad_out.dtype)
-        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=rows.device), sizes)
+        bags = torch.repeat_interleave(
+            torch.arange(offsets.numel(), device=rows.device), sizes, output_size=rows.numel()
+        )  # output_size: no wait for the sizes' sum
         sorted_rows, order = torch.sort(rows, stable=True)
         unique_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts

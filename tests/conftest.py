@@ -12,6 +12,18 @@ import torch
 
 from tests.helpers.backends import KERNEL_BACKENDS
 
+GPU_PARAMETERS = ("cuda", "triton")  # backend or device parameters that put a test's tensors on a GPU
+GPU_FILES = ("test_triton.py",)  # on its GPU wherever there is one (tests.helpers.backends)
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `gpu` every test that touches the GPU where there is one, so benchmarks/gpu_check.py can run just
+    those (`-m gpu`) rather than the whole, mostly CPU-bound, suite."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.path.name in GPU_FILES or any(value in GPU_PARAMETERS for value in params.values()):
+            item.add_marker(pytest.mark.gpu)
+
 
 @pytest.fixture(params=KERNEL_BACKENDS + ["torch"])
 def backend(request):

@@ -1,5 +1,6 @@
 // kd_loss_fwd on the CPU: per row n, loss_n = T^2 * KL(softmax(t_n/T) || softmax(s_n/T)) and, if asked,
-// its gradient T * (softmax(s_n/T) - softmax(t_n/T)) in the student's dtype.
+// its gradient times grad_scale, grad_scale * T * (softmax(s_n/T) - softmax(t_n/T)), in the student's dtype
+// (the reduction's 1/N folded in: no separate pass to scale it).
 //
 // Per row: one streaming pass keeps an online max and sum of exponentials for student and teacher together
 // (so log-sum-exp needs no separate max pass), then a second loop over the same row, still in cache, forms
@@ -59,7 +60,9 @@ bool no_target(const Stats& teacher, int64_t v, float* g, float* loss) {
 }
 
 // The row kernels: s, t are the row's logits as float, g (if non-null) receives the gradient.
-void row_scalar(const float* s, const float* t, int64_t v, float inv_t, float temperature, float* g, float* loss) {
+// grad_factor = grad_scale * T multiplies the gradient; the loss takes T^2.
+void row_scalar(const float* s, const float* t, int64_t v, float inv_t, float temperature, float grad_factor, float* g,
+                float* loss) {
   RowStats ss, ts;
   for (int64_t i = 0; i < v; ++i) {
     ss.add(s[i] * inv_t);
@@ -72,7 +75,7 @@ void row_scalar(const float* s, const float* t, int64_t v, float inv_t, float te
     const float log_ps = (s[i] * inv_t - ss.max) - log_zs, log_pt = (t[i] * inv_t - ts.max) - log_zt;
     const float pt = std::exp(log_pt);
     if (pt != 0.f) acc += pt * (log_pt - log_ps);  // p_t == 0: the limit of p log p, also against a student -inf
-    if (g) g[i] = temperature * (std::exp(log_ps) - pt);
+    if (g) g[i] = grad_factor * (std::exp(log_ps) - pt);
   }
   *loss = static_cast<float>(acc) * temperature * temperature;
 }
@@ -130,7 +133,8 @@ KD_AVX2 RowStats merge_lanes(const LaneStats& st) {
   return out;
 }
 
-KD_AVX2 void row_avx2(const float* s, const float* t, int64_t v, float inv_t, float temperature, float* g, float* loss) {
+KD_AVX2 void row_avx2(const float* s, const float* t, int64_t v, float inv_t, float temperature, float grad_factor,
+                      float* g, float* loss) {
   const int64_t vv = v - v % 8;
   const __m256 scale = _mm256_set1_ps(inv_t);
   LaneStats sl{_mm256_set1_ps(kLowest), _mm256_setzero_ps()}, tl = sl;
@@ -146,7 +150,7 @@ KD_AVX2 void row_avx2(const float* s, const float* t, int64_t v, float inv_t, fl
   if (no_target(ts, v, g, loss)) return;
   const float log_zs = ss.log_sum(), log_zt = ts.log_sum();
   const __m256 max_s = _mm256_set1_ps(ss.max), max_t = _mm256_set1_ps(ts.max);
-  const __m256 vlog_zs = _mm256_set1_ps(log_zs), vlog_zt = _mm256_set1_ps(log_zt), vtemp = _mm256_set1_ps(temperature);
+  const __m256 vlog_zs = _mm256_set1_ps(log_zs), vlog_zt = _mm256_set1_ps(log_zt), vfactor = _mm256_set1_ps(grad_factor);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < vv; i += 8) {
     const __m256 log_ps = _mm256_sub_ps(_mm256_fmsub_ps(_mm256_loadu_ps(s + i), scale, max_s), vlog_zs);
@@ -155,14 +159,14 @@ KD_AVX2 void row_avx2(const float* s, const float* t, int64_t v, float inv_t, fl
     // Terms where p_t == 0 are 0 (NEQ_UQ keeps NaN): never 0 * inf, at a teacher -inf or a student -inf.
     const __m256 term = _mm256_mul_ps(pt, _mm256_sub_ps(log_pt, log_ps));
     acc = _mm256_add_ps(acc, _mm256_and_ps(term, _mm256_cmp_ps(pt, _mm256_setzero_ps(), _CMP_NEQ_UQ)));
-    if (g) _mm256_storeu_ps(g + i, _mm256_mul_ps(vtemp, _mm256_sub_ps(exp_avx2(log_ps), pt)));
+    if (g) _mm256_storeu_ps(g + i, _mm256_mul_ps(vfactor, _mm256_sub_ps(exp_avx2(log_ps), pt)));
   }
   float total = hsum(acc);
   for (int64_t i = vv; i < v; ++i) {
     const float log_ps = (s[i] * inv_t - ss.max) - log_zs, log_pt = (t[i] * inv_t - ts.max) - log_zt;
     const float pt = std::exp(log_pt);
     if (pt != 0.f) total += pt * (log_pt - log_ps);
-    if (g) g[i] = temperature * (std::exp(log_ps) - pt);
+    if (g) g[i] = grad_factor * (std::exp(log_ps) - pt);
   }
   *loss = total * temperature * temperature;
 }
@@ -180,10 +184,11 @@ const float* float_row(const at::Tensor& m, int64_t i, float* buf) {
 }
 
 template <typename student_t, typename teacher_t>
-void kd_rows(const at::Tensor& student, const at::Tensor& teacher, double temperature, const bool* mask,
-             float* loss, student_t* grad) {
+void kd_rows(const at::Tensor& student, const at::Tensor& teacher, double temperature, double grad_scale,
+             const bool* mask, float* loss, student_t* grad) {
   const int64_t n = student.size(0), v = student.size(1);
   const float temp = static_cast<float>(temperature), inv_t = static_cast<float>(1.0 / temperature);
+  const float grad_factor = static_cast<float>(grad_scale * temperature);
   const auto row = KD_PICK_SIMD(row_avx2, row_scalar);
   constexpr bool grad_is_float = std::is_same_v<student_t, float>;
   at::parallel_for(0, n, std::max<int64_t>(1, 32768 / v), [&](int64_t begin, int64_t end) {
@@ -200,7 +205,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, double temper
       }
       float* gf = !g ? nullptr : grad_is_float ? reinterpret_cast<float*>(g) : gbuf.data();
       row(float_row<student_t>(student, i, sbuf.data()), float_row<teacher_t>(teacher, i, tbuf.data()), v, inv_t,
-          temp, gf, loss + i);
+          temp, grad_factor, gf, loss + i);
       if (g && !grad_is_float) std::copy(gbuf.begin(), gbuf.end(), g);
     }
   });
@@ -208,8 +213,8 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, double temper
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    double temperature, const std::optional<at::Tensor>& mask_in,
-                                                   bool compute_grad) {
-  checks::kd_loss_fwd_args(student, teacher, temperature, mask_in);
+                                                   bool compute_grad, double grad_scale) {
+  checks::kd_loss_fwd_args(student, teacher, temperature, mask_in, grad_scale);
   const int64_t n = student.size(0), v = student.size(1);
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   at::Tensor loss = at::empty({n}, student.options().dtype(at::kFloat));
@@ -220,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
     using student_t = scalar_t;
     student_t* gp = compute_grad ? grad.data_ptr<student_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "kd_loss_fwd", [&] {
-      kd_rows<student_t, scalar_t>(student, teacher, temperature, mp, loss.data_ptr<float>(), gp);
+      kd_rows<student_t, scalar_t>(student, teacher, temperature, grad_scale, mp, loss.data_ptr<float>(), gp);
     });
   });
   return {loss, grad};

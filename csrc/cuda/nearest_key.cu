@@ -11,6 +11,10 @@
 // hi + lo tf32 parts ("3xTF32": hi*hi + hi*lo + lo*hi), which is as accurate as fp32 FMA; fp16/bf16
 // values are exact in tf32, so their lo part is zero and its products are skipped at compile time.
 // The winner's distance is then recomputed directly, sum((x - k)^2) in fp32.
+//
+// The query tile (-2 x) lives in dynamic shared memory: for d up to kMaxResidentD it is staged once per block,
+// all of d (at d = 256, 66.5 KiB), and read at a column offset per chunk; beyond, one chunk at a time beside
+// each key tile. Staging loops run over rows and lanes, with no runtime division per element.
 #include "checks.h"
 #include "cuda/common.cuh"
 
@@ -34,6 +38,7 @@ constexpr int kBlockKeys = 64;             // keys per shared-memory tile: eight
 constexpr int kKeyTiles = kBlockKeys / 8;
 constexpr int kChunk = 32;                 // d per shared-memory chunk: up to four k8 steps
 constexpr int kStride = kChunk + 4;        // a row stride of 4 (mod 8) words makes fragment loads bank-conflict free
+constexpr int kMaxResidentD = 256;         // query tiles up to this d are staged once per block
 
 // ||k||^2 for every key of every head, once per call.
 template <typename key_t>
@@ -102,19 +107,25 @@ __device__ __forceinline__ void write_winner(const x_t* __restrict__ x, const ke
   sqdist[pair] = dist;
 }
 
-// Stage columns [c0, c0 + width) of `count` consecutive vectors into tile[][], scaled by `scale`; vectors
-// past `limit` and columns past d are zero, so padded lanes add nothing to the dot products.
+// Stage columns [c0, c0 + width) of kRows consecutive vectors into tile (row stride tile_stride), scaled by
+// `scale`; vectors past `limit` and columns past d are zero, so padded lanes add nothing to the dot products.
+// A warp per row, a lane per column: no division.
 template <typename T, int kRows>
-__device__ __forceinline__ void stage_tile(float (*tile)[kStride], const T* __restrict__ base, int64_t first,
+__device__ __forceinline__ void stage_tile(float* tile, int tile_stride, const T* __restrict__ base, int64_t first,
                                            int64_t limit, int64_t vector_stride, int c0, int width, int d,
                                            float scale) {
-  for (int e = threadIdx.x; e < kRows * width; e += kThreads) {
-    const int r = e / width, c = e - r * width;
+  const int lane = threadIdx.x % 32;
+  for (int r = threadIdx.x / 32; r < kRows; r += kThreads / 32) {
     const int64_t v = first + r;
-    const int col = c0 + c;
-    tile[r][c] = (v < limit && col < d) ? scale * to_float(base[v * vector_stride + col]) : 0.f;
+    for (int c = lane; c < width; c += 32) {
+      const int col = c0 + c;
+      tile[r * tile_stride + c] = (v < limit && col < d) ? scale * to_float(base[v * vector_stride + col]) : 0.f;
+    }
   }
 }
+
+// The query tile's row stride: all of d (padded) when it is staged once, else one chunk.
+__host__ __device__ __forceinline__ int query_stride(int dpad) { return dpad <= kMaxResidentD ? dpad + 4 : kStride; }
 
 template <typename x_t, typename key_t>
 __global__ void __launch_bounds__(kThreads)
@@ -122,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
                        int64_t* __restrict__ index, float* __restrict__ sqdist, Partial partial, Shape shape) {
   constexpr bool kSplitX = std::is_same_v<x_t, float>;  // fp16/bf16 are exact in tf32
   constexpr bool kSplitK = std::is_same_v<key_t, float>;
-  __shared__ float query_tile[kBlockRows][kStride];  // -2 x
+  extern __shared__ float query_tile[];  // -2 x: [kBlockRows][query_stride(dpad)]
   __shared__ float key_tile[kBlockKeys][kStride];
 
   const int h = blockIdx.y;
@@ -131,7 +142,8 @@ __global__ void __launch_bounds__(kThreads)
   const int g = lane / 4, t = lane % 4;
   const int wrow = warp * 16;  // this warp's first row in the tile
   const int dpad = (shape.d + 7) / 8 * 8;
-  const bool queries_resident = dpad <= kChunk;  // then the query tile is staged once, not per key tile
+  const bool queries_resident = dpad <= kMaxResidentD;  // then the query tile is staged once, not per key tile
+  const int qstride = query_stride(dpad);
   const x_t* head_x = x + static_cast<int64_t>(h) * shape.d;  // row n of this head at n * H * d
   const int64_t x_stride = static_cast<int64_t>(shape.heads) * shape.d;
   const key_t* head_keys = keys + static_cast<int64_t>(h) * shape.keys * shape.d;
@@ -141,7 +153,7 @@ __global__ void __launch_bounds__(kThreads)
                                             static_cast<int64_t>(key_begin) + shape.split_keys));
 
   if (queries_resident) {
-    stage_tile<x_t, kBlockRows>(query_tile, head_x, row0, shape.rows, x_stride, 0, dpad, shape.d, -2.f);
+    stage_tile<x_t, kBlockRows>(query_tile, qstride, head_x, row0, shape.rows, x_stride, 0, dpad, shape.d, -2.f);
   }
   // Running minimum of rows wrow+g (slot 0) and wrow+g+8 (slot 1) over this thread's columns.
   float best[2] = {INFINITY, INFINITY};
@@ -161,19 +173,23 @@ __global__ void __launch_bounds__(kThreads)
       const int width = min(kChunk, dpad - c0);
       __syncthreads();  // every warp is done reading the previous tiles
       if (!queries_resident) {
-        stage_tile<x_t, kBlockRows>(query_tile, head_x, row0, shape.rows, x_stride, c0, width, shape.d, -2.f);
+        stage_tile<x_t, kBlockRows>(query_tile, qstride, head_x, row0, shape.rows, x_stride, c0, width, shape.d,
+                                    -2.f);
       }
-      stage_tile<key_t, kBlockKeys>(key_tile, head_keys, key0, key_end, shape.d, c0, width, shape.d, 1.f);
+      stage_tile<key_t, kBlockKeys>(&key_tile[0][0], kStride, head_keys, key0, key_end, shape.d, c0, width, shape.d,
+                                    1.f);
       __syncthreads();
+      const float* q0 = query_tile + (wrow + g) * qstride + (queries_resident ? c0 : 0);  // row wrow+g
+      const float* q8 = q0 + 8 * qstride;                                                // row wrow+g+8
 #pragma unroll
       for (int step = 0; step < kChunk / 8; ++step) {
         if (step * 8 >= width) break;
         const int c = step * 8 + t;
         uint32_t a_hi[4], a_lo[4];
-        split_tf32<kSplitX>(query_tile[wrow + g][c], a_hi[0], a_lo[0]);
-        split_tf32<kSplitX>(query_tile[wrow + g + 8][c], a_hi[1], a_lo[1]);
-        split_tf32<kSplitX>(query_tile[wrow + g][c + 4], a_hi[2], a_lo[2]);
-        split_tf32<kSplitX>(query_tile[wrow + g + 8][c + 4], a_hi[3], a_lo[3]);
+        split_tf32<kSplitX>(q0[c], a_hi[0], a_lo[0]);
+        split_tf32<kSplitX>(q8[c], a_hi[1], a_lo[1]);
+        split_tf32<kSplitX>(q0[c + 4], a_hi[2], a_lo[2]);
+        split_tf32<kSplitX>(q8[c + 4], a_hi[3], a_lo[3]);
 #pragma unroll
         for (int j = 0; j < kKeyTiles; ++j) {
           uint32_t b_hi[2], b_lo[2];
@@ -280,7 +296,13 @@ void launch(const at::Tensor& x, const at::Tensor& keys, at::Tensor& index, at::
     partial = {data<float>(part_score), data<int>(part_key)};
   }
   const dim3 grid(static_cast<unsigned int>(row_blocks), shape.heads, ranges);
-  nearest_key_kernel<x_t, key_t><<<grid, kThreads, 0, stream>>>(
+  const int dpad = (shape.d + 7) / 8 * 8;
+  const int query_bytes = kBlockRows * query_stride(dpad) * static_cast<int>(sizeof(float));
+  if (query_bytes > 48 * 1024) {  // past the default limit of dynamic shared memory: opt in (sm_70 and newer)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(nearest_key_kernel<x_t, key_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        query_bytes));
+  }
+  nearest_key_kernel<x_t, key_t><<<grid, kThreads, query_bytes, stream>>>(
       data<const x_t>(x), data<const key_t>(keys), data<const float>(norms), data<int64_t>(index),
       data<float>(sqdist), partial, shape);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

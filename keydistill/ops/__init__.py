@@ -9,7 +9,8 @@
   gradient touches, in place (the value table's optimizer step; keydistill.optim).
 
 backend is "auto" (fastest available for the tensors' device), "cuda", "triton", "cpp" or "torch".
-All validation happens here, once, before any backend runs.
+Each op is check -> resolve -> call: all validation happens here, once, before any backend runs, and every
+backend module answers the same call (keydistill.ops._backends.Backend; which lacks what: _backends.LACKS).
 """
 
 from __future__ import annotations
@@ -68,14 +69,9 @@ def ema_update_(
     _checks.check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    name = resolve("ema_update_", backend, keys.device)
+    impl = implementation(resolve("ema_update_", backend, keys.device))
     with torch.no_grad():  # keys follow the data, never gradients
-        if name == "torch":
-            reference.ema_update_(keys, cluster_size, embed_sum, x, index.long(), decay=float(decay), eps=float(eps))
-        else:
-            implementation(name).ema_update_(
-                keys, cluster_size, embed_sum, x, index, float(decay), float(eps), bool(deterministic)
-            )
+        impl.ema_update_(keys, cluster_size, embed_sum, x, index, float(decay), float(eps), bool(deterministic))
 
 
 def kd_loss(
@@ -106,15 +102,8 @@ def kd_loss(
     Masked-out rows count for nothing: whatever they hold, their loss and gradient are 0.
     """
     _checks.check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction)
-    name = resolve("kd_loss", backend, student_logits.device)
-    if name == "torch":
-        return reference.kd_loss(
-            student_logits, teacher_logits, temperature=float(temperature), mask=mask, reduction=reduction
-        )
-    if name in ("cpp", "cuda"):  # one op whose C++ autograd never differentiates the teacher
-        return implementation(name).kd_loss(student_logits, teacher_logits, float(temperature), mask, reduction)
-    rows = implementation(name).kd_loss_rows(student_logits, teacher_logits.detach(), float(temperature), mask)
-    return reference.reduce_rows(rows, mask, reduction)
+    impl = implementation(resolve("kd_loss", backend, student_logits.device))
+    return impl.kd_loss(student_logits, teacher_logits, float(temperature), mask, reduction)
 
 
 def kd_loss_linear(
@@ -166,8 +155,7 @@ def kd_loss_linear(
         reduction,
         chunk_size,
     )
-    name = resolve("kd_loss_linear", backend, student_hidden.device)
-    kd_rows = implementation(name).kd_loss_rows
+    kd_rows = implementation(resolve("kd_loss_linear", backend, student_hidden.device)).kd_loss_rows
     with torch.autocast(device_type, enabled=False):  # the chunks' matmuls write into buffers of the inputs' dtype
         return reference.kd_loss_linear(
             student_hidden,
@@ -215,23 +203,7 @@ def sparse_adamw_(
     every step the result is dense AdamW's. Backends: "cpp" (one fused pass per row) and "torch" (any device).
     """
     _checks.check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step)
-    name = resolve("sparse_adamw_", backend, param.device)
-    if name not in ("cpp", "torch"):
-        raise BackendUnavailable(
-            f"sparse_adamw_: backend {name!r} is unavailable: sparse_adamw_ has cpp and torch "
-            "backends only (the torch one runs on any device)"
-        )
-    scalars = dict(
-        lr=float(lr),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        step=float(step),
-        maximize=bool(maximize),
-    )
+    impl = implementation(resolve("sparse_adamw_", backend, param.device))
+    scalars = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(step), bool(maximize))
     with torch.no_grad():
-        if name == "torch":
-            reference.sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, **scalars)
-        else:
-            implementation(name).sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad.contiguous(), *scalars.values())
+        impl.sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, *scalars)

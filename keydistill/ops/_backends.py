@@ -4,6 +4,11 @@ Backends: "cuda" (C++/CUDA kernels in keydistill._C), "triton" (keydistill.ops.t
 (C++ CPU kernels in keydistill._C) and "torch" (keydistill.ops.reference, always there).
 `auto` takes the first available backend of the device's preference list and never fails; an explicit
 request for a missing backend raises BackendUnavailable saying why and how to get it.
+
+Every backend module answers the same calls, Backend below (on validated input, Python scalars converted,
+no keywords), so a public op is check -> resolve -> call; the reference and Triton modules reach it through
+thin adapters (keydistill.ops._torch_backend, keydistill.ops.triton). A backend that lacks an op is listed
+in LACKS, here alone.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import Optional, Protocol
 
 import torch
 
@@ -18,8 +24,9 @@ from keydistill.errors import BackendUnavailable  # noqa: F401  (raised here; it
 
 ALL = ("cuda", "triton", "cpp", "torch")
 
-# Preference per device type for `auto`. On CUDA the order is per op, from benchmarks/gpu_check.py
-# (update it from that script's table). The Triton interpreter (CPU) is exact but slow: never automatic.
+# Preference per device type for `auto`. On CUDA the order is per op and not yet measured (no GPU run so
+# far): compiled CUDA first where it exists, Triton first for kd_loss (fewer launches at small shapes);
+# benchmarks/gpu_check.py prints the timings to set it from. The Triton interpreter (CPU) is never automatic.
 AUTO_ORDER = {
     "cpu": {
         "nearest_key": ("cpp", "torch"),
@@ -33,11 +40,69 @@ AUTO_ORDER = {
         "ema_update_": ("cuda", "triton", "torch"),
         "kd_loss": ("triton", "cuda", "torch"),
         "kd_loss_linear": ("triton", "cuda", "torch"),  # the per-chunk kd_loss backend
-        "sparse_adamw_": ("torch",),  # no CUDA kernel: index_select / index_copy_ on the GPU
+        "sparse_adamw_": ("torch",),  # index_select / index_copy_ on the GPU
     },
+}
+# The ops a backend's module does not run; every other op of Backend it does.
+LACKS = {
+    "cuda": ("sparse_adamw_",),  # _C's sparse_adamw_ has a CPU kernel only
+    "triton": ("sparse_adamw_",),
 }
 # Which device types each backend runs on.
 DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpp": ("cpu",), "torch": None}
+
+
+class Backend(Protocol):
+    def nearest_key(self, x: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index int64 [N, H], sqdist float32 [N, H]) for x [N, H, d] and keys [H, K, d]."""
+
+    def ema_update_(
+        self,
+        keys: torch.Tensor,
+        cluster_size: torch.Tensor,
+        embed_sum: torch.Tensor,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        decay: float,
+        eps: float,
+        deterministic: bool,
+    ) -> None:
+        """The EMA codebook update, in place (called under no_grad)."""
+
+    def kd_loss(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        temperature: float,
+        mask: Optional[torch.Tensor],
+        reduction: str,
+    ) -> torch.Tensor:
+        """The reduced distillation loss, differentiable w.r.t. student only."""
+
+    def kd_loss_rows(
+        self, student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Per-row losses [N] float32, differentiable w.r.t. student (kd_loss_linear's per-chunk kernel)."""
+
+    def sparse_adamw_(
+        self,
+        param: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        rows: torch.Tensor,
+        grad: torch.Tensor,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        step: float,
+        maximize: bool,
+    ) -> None:
+        """AdamW on the rows `rows`, in place (called under no_grad)."""
+
+
+OPS = tuple(name for name in Backend.__dict__ if not name.startswith("_"))  # what every backend answers
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,7 +181,7 @@ _LOADED: dict = {}  # backend -> its module, once resolve() found it available
 
 
 def implementation(backend: str):
-    """The module that implements `backend` (nearest_key, ema_update_, kd_loss_rows).
+    """The module that implements `backend` (the calls of Backend).
 
     A dict lookup once resolve() has run (it fills _LOADED), which torch.compile traces without loading
     anything."""
@@ -128,9 +193,9 @@ def implementation(backend: str):
 
 def _load(backend: str):
     if backend == "torch":
-        from keydistill.ops import reference
+        from keydistill.ops import _torch_backend
 
-        return reference
+        return _torch_backend
     if backend in ("cpp", "cuda"):
         return _extension()[0]
     return _triton()[0]
@@ -145,14 +210,21 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     return _resolve(op, backend, device.type, backend == "triton" and _interpreting())
 
 
+def _lacks(op: str, backend: str) -> str:
+    if op not in LACKS.get(backend, ()):
+        return ""
+    having = [b for b in ALL if op not in LACKS.get(b, ())]
+    return f"{op} has {' and '.join(having)} backends only (the torch one runs on any device)"
+
+
 @functools.lru_cache(maxsize=None)
 def _resolve(op: str, backend: str, device_type: str, interpreting: bool) -> str:
     if backend == "auto":
         order = AUTO_ORDER.get(device_type, {}).get(op, ("torch",))
-        chosen = next(b for b in order if not why_unavailable(b, device_type))
+        chosen = next(b for b in order if not (_lacks(op, b) or why_unavailable(b, device_type)))
         implementation(chosen)
         return chosen
-    reason = why_unavailable(backend, device_type)
+    reason = _lacks(op, backend) or why_unavailable(backend, device_type)
     if reason:
         raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
     implementation(backend)

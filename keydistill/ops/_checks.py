@@ -96,14 +96,21 @@ def check_ema_update(keys, cluster_size, embed_sum, x, index, decay, eps):
     at_most("H", h, MAX_HEADS)  # the Triton kernels put heads on CUDA's grid.y
     at_most("N", x.shape[0], INT32_MAX - 1)
     at_most("d", d, INT32_MAX)
-    if index.numel() and (torch.compiler.is_compiling() or index.device.type == "cuda"):
-        # Inside a compiled graph a host-side check would break the graph, and on a GPU it would wait for the
-        # kernels queued before it at every EMA step: assert on the device instead (as the CUDA kernel does).
-        torch._assert_async(((index >= 0) & (index < k)).all(), f"index holds values outside [0, K={k})")
-    elif index.numel():
-        lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one pass, one device-to-host copy
-        if lo < 0 or hi >= k:
-            raise ValueError(f"index holds values in [{lo}, {hi}], outside [0, K={k})")
+    # Off the CPU a host-side check would wait for the kernels queued before it at every EMA step: there each
+    # backend asserts on the device where it reads (the CUDA kernel per index, the torch and Triton adapters
+    # with assert_index_on_device), so the check costs no launches of its own on the CUDA backend.
+    if index.numel() and index.device.type == "cpu":
+        if torch.compiler.is_compiling():  # a host read would break the graph
+            assert_index_on_device(index, k)
+        else:
+            lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one pass, one device-to-host copy
+            if lo < 0 or hi >= k:
+                raise ValueError(f"index holds values in [{lo}, {hi}], outside [0, K={k})")
+
+
+def assert_index_on_device(index, num_keys: int) -> None:
+    """A device-side assertion that index lies in [0, num_keys): no host wait."""
+    torch._assert_async(((index >= 0) & (index < num_keys)).all(), f"index holds values outside [0, K={num_keys})")
 
 
 def check_kd_loss(student_logits, teacher_logits, temperature, mask, reduction):
@@ -252,11 +259,14 @@ def check_sparse_adamw(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2,
             raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not (1 <= step < math.inf):
         raise ValueError(f"step must be a finite number >= 1, got {step!r}")
-    if rows.numel() and not torch.compiler.is_compiling():
-        # One pass over U ints: what makes the rows independent (and the update defined) is that they are distinct.
-        lo, hi = int(rows[0]), int(rows[-1])
-        if lo < 0 or hi >= param.shape[0] or (rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all())):
-            raise ValueError(
-                f"rows must be strictly increasing values in [0, R={param.shape[0]}) (a coalesced "
-                f"sparse gradient's), got values from {lo} to {hi}"
-            )
+    if not rows.numel():
+        return
+    # One pass over U ints: what makes the rows independent (and the update defined) is that they are distinct.
+    valid = (rows[0] >= 0) & (rows[-1] < param.shape[0]) & (rows[1:] > rows[:-1]).all()
+    if torch.compiler.is_compiling() or rows.device.type != "cpu":  # a host read would wait for the device
+        torch._assert_async(valid, f"rows must be strictly increasing values in [0, R={param.shape[0]})")
+    elif not valid:
+        raise ValueError(
+            f"rows must be strictly increasing values in [0, R={param.shape[0]}) (a coalesced "
+            f"sparse gradient's), got values from {int(rows[0])} to {int(rows[-1])}"
+        )

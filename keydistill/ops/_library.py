@@ -2,8 +2,8 @@
 
 Importing this module loads _C (whose static initialisers register the schemas and the CPU/CUDA kernels),
 then registers fake (meta) kernels and autograd so the ops work under torch.compile and pass
-torch.library.opcheck. It exposes the backend interface used by keydistill.ops: nearest_key,
-ema_update_, kd_loss_rows. The dispatcher picks the CPU or CUDA kernel from the tensors' device.
+torch.library.opcheck. It is the module of the cpp and cuda backends (keydistill.ops._backends.Backend); the
+dispatcher picks the CPU or CUDA kernel from the tensors' device.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _ema_update_fake(keys, cluster_size, embed_sum, x, index, decay, eps, determ
 
 
 @torch.library.register_fake("keydistill::kd_loss_fwd")
-def _kd_loss_fwd_fake(student, teacher, temperature, mask, compute_grad):
+def _kd_loss_fwd_fake(student, teacher, temperature, mask, compute_grad, grad_scale=1.0):
     grad_shape = student.shape if compute_grad else (0,)
     return student.new_empty((student.shape[0],), dtype=torch.float32), student.new_empty(grad_shape)
 
@@ -73,15 +73,18 @@ if hasattr(torch.ops.keydistill, "sparse_adamw_"):  # else an older build: has_c
 def _kd_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
+    ctx.grad_scale = inputs[5] if len(inputs) > 5 else 1.0  # the kernel's gradient carries it
 
 
 def _kd_backward(ctx, grad_rows, _grad_of_grad):
     if grad_rows is None:  # only the (non-differentiable) gradient output was used
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_rows.numel() != 0:
         raise RuntimeError("kd_loss_fwd was called with compute_grad=False; call it with True to differentiate")
-    return scale_fused_gradient(grad, grad_rows), None, None, None, None
+    if ctx.grad_scale != 1.0:
+        grad_rows = grad_rows / ctx.grad_scale
+    return scale_fused_gradient(grad, grad_rows), None, None, None, None, None
 
 
 torch.library.register_autograd("keydistill::kd_loss_fwd", _kd_backward, setup_context=_kd_setup_context)
@@ -98,7 +101,7 @@ def ema_update_(keys, cluster_size, embed_sum, x, index, decay, eps, determinist
 
 def sparse_adamw_(param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize):
     torch.ops.keydistill.sparse_adamw_(
-        param, exp_avg, exp_avg_sq, rows, grad, lr, beta1, beta2, eps, weight_decay, step, maximize
+        param, exp_avg, exp_avg_sq, rows, grad.contiguous(), lr, beta1, beta2, eps, weight_decay, step, maximize
     )
 
 

@@ -133,8 +133,9 @@ def reduce_rows(rows: torch.Tensor, mask, reduction: str):
     total = rows.sum()
     if reduction == "sum":
         return total
-    included = mask.sum() if mask is not None else rows.new_tensor(float(rows.shape[0]))
-    return total / included.clamp_min(1).to(total.dtype)
+    if mask is None:  # a host number: no tensor to copy to the device on every call
+        return total / max(rows.shape[0], 1)
+    return total / mask.sum().clamp_min(1).to(total.dtype)
 
 
 def kd_loss(student_logits, teacher_logits, *, temperature: float = 1.0, mask=None, reduction: str = "batchmean"):
@@ -215,12 +216,7 @@ class _ChunkedLinearKD(torch.autograd.Function):
             rows, _ = _sweep(hidden, weight, bias, spec, row_scale=None)
             ctx.save_for_backward(hidden, weight, bias)
             return reduce_rows(rows, spec.mask, spec.reduction)
-        included = hidden.shape[0] if spec.mask is None else int(spec.mask.sum())
-        scale = 1.0 / max(included, 1) if spec.reduction == "batchmean" else 1.0
-        wants_grad = any(ctx.needs_input_grad[:3])
-        row_scale = (
-            torch.full((hidden.shape[0],), scale, dtype=torch.float32, device=hidden.device) if wants_grad else None
-        )
+        row_scale = _row_scale(hidden, spec) if any(ctx.needs_input_grad[:3]) else None
         rows, grads = _sweep(hidden, weight, bias, spec, row_scale)
         ctx.save_for_backward(*grads)
         return reduce_rows(rows, spec.mask, spec.reduction)
@@ -238,6 +234,17 @@ class _ChunkedLinearKD(torch.autograd.Function):
         ctx.used = True
         grads = tuple(g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in ctx.saved_tensors)
         return (*grads, None)
+
+
+def _row_scale(hidden, spec) -> torch.Tensor:
+    """[N] float32: d loss / d row loss for "sum" and "batchmean"; a masked count stays on the device (reading
+    it on the host would wait for the GPU at every call)."""
+    ones = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    if spec.reduction == "sum":
+        return ones
+    if spec.mask is None:
+        return ones.div_(max(hidden.shape[0], 1))
+    return ones.div_(spec.mask.sum().clamp_min(1))
 
 
 def _sweep(hidden, weight, bias, spec, row_scale):

@@ -58,7 +58,11 @@ def make_tiny(root):
 
 
 def tiny_args(tiny, out, *extra):
+    """The tiny training job's arguments. On the CPU unless extra says otherwise: the tests build and read
+    models on the CPU, and `--device auto` would send their batches to a GPU where there is one."""
     return [
+        "--device",
+        "cpu",
         "--data-dir",
         str(tiny / "glue"),
         "--teacher",

@@ -6,6 +6,7 @@ dropped them fails here rather than skipping. Whether the kernels compute the ri
 by the shared backend tests, which benchmarks/gpu_check.py runs; its own logic is tested at the end.
 """
 
+import ast
 import glob
 import importlib.util
 import os
@@ -26,16 +27,41 @@ def _truthy(name: str) -> bool:  # as setup.py reads its switches
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-# setup.py builds the CUDA kernels exactly when torch is a CUDA build, nvcc is there and nobody opted out;
-# KEYDISTILL_REQUIRE_CUDA=1 (CI) expects them whatever this machine has, so a CPU-only torch fails instead
-# of skipping.
+def setup_find_cuda_home():
+    """setup.py's own find_cuda_home (PATH, CUDA_HOME, /usr/local/cuda*), run without running setup()."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    (function,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "find_cuda_home"]
+    namespace = {"glob": glob, "os": os, "shutil": shutil}
+    exec(compile(ast.Module([function], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace["find_cuda_home"]()
+
+
+# setup.py builds the CUDA kernels exactly when torch is a CUDA build, it finds a toolkit and nobody opted
+# out; KEYDISTILL_REQUIRE_CUDA=1 (CI) expects them whatever this machine has, so a CPU-only torch fails
+# instead of skipping.
 REQUIRE_CUDA = _truthy("KEYDISTILL_REQUIRE_CUDA")
 CUDA_EXPECTED = REQUIRE_CUDA or (
-    torch.version.cuda is not None and shutil.which("nvcc") is not None and not _truthy("KEYDISTILL_SKIP_CUDA")
+    torch.version.cuda is not None and setup_find_cuda_home() is not None and not _truthy("KEYDISTILL_SKIP_CUDA")
 )
 needs_cuda_build = pytest.mark.skipif(
     not CUDA_EXPECTED, reason="no CUDA build expected: torch without CUDA, no nvcc, or KEYDISTILL_SKIP_CUDA=1"
 )
+
+
+def test_the_toolkit_is_found_where_setup_py_finds_it(tmp_path, monkeypatch):
+    """A toolkit outside the PATH (a fresh image's /usr/local/cuda) counts as setup.py counts it."""
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("")
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert shutil.which("nvcc") is None and setup_find_cuda_home() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nowhere"))
+    assert setup_find_cuda_home() in (None, "/usr/local/cuda") or setup_find_cuda_home().startswith("/usr/local/cuda-")
 
 
 def test_extension_loads_without_a_gpu():
@@ -54,6 +80,7 @@ def test_extension_loads_without_a_gpu():
     assert cuda_kernels == str(CUDA_EXPECTED), f"CUDA kernels present: {cuda_kernels}, expected: {CUDA_EXPECTED}"
 
 
+@pytest.mark.gpu
 @needs_cuda_build
 def test_every_op_has_a_cuda_kernel():
     assert torch.version.cuda is not None, "KEYDISTILL_REQUIRE_CUDA=1 but torch is a CPU-only build"
@@ -86,6 +113,7 @@ def _expected_architectures() -> set:
     return {"sm_80", "sm_90"}
 
 
+@pytest.mark.gpu
 @needs_cuda_build
 def test_cuda_code_is_built_for_the_target_architectures():
     tool = _cuobjdump()
@@ -153,24 +181,55 @@ def _gpu_check():
     return module
 
 
-def test_gpu_check_dry_run_plans_build_tests_and_benchmarks(tmp_path):
+def test_gpu_check_dry_run_plans_build_tests_benchmarks_and_smoke_within_budget(tmp_path):
     command = [sys.executable, os.path.join("benchmarks", "gpu_check.py"), "--dry-run", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     lines = {line.split("]")[0].lstrip("["): line for line in result.stdout.splitlines() if line.startswith("[")}
-    assert list(lines) == ["build", "device", "tests-kernels", "benchmarks", "tests-rest"]
+    assert list(lines) == ["build", "device", "tests-kernels", "tests-gpu", "benchmarks", "smoke"]
     assert "KEYDISTILL_REQUIRE_EXT=1" in lines["build"] and "build_ext --inplace" in lines["build"]
+    assert "tests/ops/test_triton.py" in lines["build"]  # the Triton cache is warmed beside the build
     assert "has_cuda_kernels()" in lines["device"]
-    assert "pytest" in lines["tests-kernels"] and " tests -k " in lines["tests-kernels"]
-    assert "pytest" in lines["tests-rest"] and " tests -k not (" in lines["tests-rest"]
+    assert "pytest" in lines["tests-kernels"] and " tests/ops -m gpu " in lines["tests-kernels"]
+    assert " tests -m gpu --ignore=tests/ops " in lines["tests-gpu"]
     assert (
         "pytest" in lines["benchmarks"]
         and "-s benchmarks/test_bench_ops.py benchmarks/test_bench_e2e.py" in lines["benchmarks"]
     )
+    assert "-m keydistill.train " in lines["smoke"] and "--max-train-samples 2000" in lines["smoke"]
+    assert "--device cuda" in lines["smoke"]
     module = _gpu_check()
-    assert sum(step.limit_s for step in module.steps(str(tmp_path))) >= module.BUDGET_S  # the budget is what binds
-    assert module.BUDGET_S < 8 * 60
+    limits = [step.limit_s for step in module.steps(str(tmp_path))]
+    assert sum(limits) + module.GRACE_S < module.BUDGET_S < 8 * 60  # every step can use its whole limit
+    assert f"steps' limits {sum(limits)} s, within the overall budget of {module.BUDGET_S} s" in result.stdout
     assert not list(tmp_path.iterdir()), "a dry run must not write anything"
+
+
+def test_gpu_check_dry_run_fails_a_plan_over_budget(tmp_path, monkeypatch, capsys):
+    module = _gpu_check()
+    monkeypatch.setattr(module, "BUDGET_S", 100)
+    assert module.main(["--dry-run", "--out", str(tmp_path)]) == 1
+    assert "OVER the overall budget of 100 s" in capsys.readouterr().out
+
+
+GPU_MARKED_FILES = ("tests/ops/test_ops_kernels.py", "tests/ops/test_triton.py", "tests/ops/test_device_guards.py")
+
+
+def test_the_gpu_marker_selects_the_tests_that_touch_the_gpu(request):
+    """Tests with a cuda or triton parameter, and test_triton.py's, carry the `gpu` marker gpu_check runs."""
+    config = request.config
+    assert any(line.startswith("gpu:") for line in config.getini("markers"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", *GPU_MARKED_FILES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    assert ids and all("[" in i or "test_triton.py" in i or "test_cuda_build.py" in i for i in ids), ids[:5]
+    assert any("test_triton.py::" in i for i in ids) and any("-triton" in i or "[triton" in i for i in ids)
+    assert not any("-torch]" in i or "[torch]" in i or "-cpp]" in i or "[cpp]" in i for i in ids)
 
 
 def test_gpu_check_steps_report_pass_fail_and_timeout(tmp_path, monkeypatch):
@@ -200,7 +259,7 @@ def test_gpu_check_summary_counts_tests_per_backend(tmp_path):
     body = "".join(f'<testcase classname="tests.t" name="{name}">{extra}</testcase>' for name, extra in cases)
     (tmp_path / "tests-kernels.xml").write_text(f"<testsuites><testsuite>{body}</testsuite></testsuites>")
     more = '<testcase classname="tests.m" name="test_model[cuda]"/>'
-    (tmp_path / "tests-rest.xml").write_text(f"<testsuites><testsuite>{more}</testsuite></testsuites>")
+    (tmp_path / "tests-gpu.xml").write_text(f"<testsuites><testsuite>{more}</testsuite></testsuites>")
     module = _gpu_check()
     counts = module.tests_by_backend(str(tmp_path / "tests-kernels.xml"))
     assert counts["cuda"] == {"passed": 1, "failure": 1}

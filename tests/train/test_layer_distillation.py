@@ -186,6 +186,19 @@ def test_matched_attention_is_what_each_model_computes(seed):
     assert sum(len(module._forward_hooks) for module in teacher.modules()) == hooks  # LayerMatch's are removed
 
 
+def test_the_training_tests_models_live_where_the_run_sends_its_batches(tiny, tmp_path):
+    """The tests build their models on the CPU; tiny_args pins the run there too, also on a GPU machine,
+    where `--device auto` would send the batches to CUDA."""
+    from keydistill.train import parse_config
+    from keydistill.train.context import setup
+    from tests.helpers.train_fixtures import tiny_args
+
+    cfg = parse_config(tiny_args(tiny, tmp_path))
+    assert cfg.device == "cpu"
+    run = setup(cfg)
+    assert {p.device for p in tiny_teacher_for(run).parameters()} == {run.device}
+
+
 def tiny_teacher_for(run):
     """A random teacher on the run's tokenizer (the tiny BERT of the fixture), scaled so layers differ."""
     from keydistill.models import BertWithKeyBottleneck

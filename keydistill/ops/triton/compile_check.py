@@ -28,6 +28,7 @@ KD_TYPES = dict(
     stride_g="i32",
     inv_temperature="fp32",
     temperature="fp32",
+    grad_factor="fp32",
 )
 NEAREST_TYPES = dict(
     key_sq_ptr="*fp32",

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from keydistill.ops._fused_grad import scale_fused_gradient
+from keydistill.ops.reference import reduce_rows
 from keydistill.ops.triton._device import device_of
 
 # Elements of one row chunk per program: 4096 gives long coalesced reads at 64-80 registers on 8 warps.
@@ -42,6 +43,7 @@ def _kd_loss_kernel(
     stride_g,
     inv_temperature,
     temperature,
+    grad_factor,
     HAS_MASK: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     ROWS: tl.constexpr,
@@ -99,9 +101,37 @@ def _kd_loss_kernel(
         p_t = tl.exp(log_p_t)
         kl += tl.sum(tl.where(m & (p_t != 0), p_t * (log_p_t - log_p_s), 0.0), 1)
         if COMPUTE_GRAD:
-            g = tl.where(m, temperature * (tl.exp(log_p_s) - p_t), 0.0)
+            g = tl.where(m, grad_factor * (tl.exp(log_p_s) - p_t), 0.0)
             tl.store(g_row + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=row_in[:, None] & (c < n_cols)[None, :])
     tl.store(loss_ptr + rows, tl.where(row_on, kl * (temperature * temperature), 0.0), mask=row_in)
+
+
+@triton.jit
+def _scale_unless_one_kernel(grad_ptr, factor_ptr, n_elements, BLOCK: tl.constexpr):
+    factor = tl.load(factor_ptr)
+    if factor != 1.0:  # read on the device: loss.backward()'s gradient of 1 costs a launch, not a pass
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n_elements
+        g = tl.load(grad_ptr + offs, mask=m).to(tl.float32)
+        tl.store(grad_ptr + offs, (g * factor).to(grad_ptr.dtype.element_ty), mask=m)
+
+
+SCALE_BLOCK = 4096
+
+
+def scale_unless_one_(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """grad (contiguous) *= factor (a 0-dim tensor) in place, skipping the pass when factor is 1; tracers get
+    the out-of-place product."""
+    if type(grad) is not torch.Tensor:
+        return grad * factor
+    if grad.device.type == "cpu":  # the interpreter: a host read is free
+        return grad if float(factor) == 1.0 else grad.mul_(factor)
+    if grad.numel():
+        with device_of(grad):
+            _scale_unless_one_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
+                grad, factor.float().reshape(1), grad.numel(), BLOCK=SCALE_BLOCK, num_warps=8
+            )
+    return grad
 
 
 def _launch_shape(n_cols: int):
@@ -112,8 +142,10 @@ def _launch_shape(n_cols: int):
     return rows, block_v, num_warps
 
 
-def kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask, compute_grad: bool):
-    """(loss rows float32 [N], gradient w.r.t. student in student's dtype [N, V] or None)."""
+def kd_loss_fwd(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask, compute_grad: bool, grad_scale: float = 1.0
+):
+    """(loss rows float32 [N], gradient w.r.t. student times grad_scale, in student's dtype [N, V], or None)."""
     n, v = student.shape
     if student.stride(1) != 1:  # the kernel streams along V: it needs unit column stride
         student = student.contiguous()
@@ -138,6 +170,7 @@ def kd_loss_fwd(student: torch.Tensor, teacher: torch.Tensor, temperature: float
             grad.stride(0) if compute_grad else 0,
             1.0 / temperature,
             temperature,
+            grad_scale * temperature,
             HAS_MASK=mask is not None,
             COMPUTE_GRAD=compute_grad,
             ROWS=rows,
@@ -168,9 +201,45 @@ class KDLossRows(torch.autograd.Function):
         return scale_fused_gradient(grad, grad_rows), None, None, None
 
 
+class KDLoss(torch.autograd.Function):
+    """The loss reduced by "sum" or "batchmean". batchmean's 1/N is folded into the kernel's gradient (without
+    a mask: N is known on the host), so backward scales only by the incoming gradient, on the device and not
+    at all when that is 1."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, mask, reduction):
+        fold = reduction == "batchmean" and mask is None
+        grad_scale = 1.0 / max(student.shape[0], 1) if fold else 1.0
+        loss, grad = kd_loss_fwd(student, teacher, temperature, _as_bytes(mask), True, grad_scale)
+        ctx.save_for_backward(grad, mask if reduction == "batchmean" else None)
+        ctx.used = False
+        return reduce_rows(loss, mask, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.used:  # the saved gradient was scaled in place by the first backward
+            raise RuntimeError(
+                "kd_loss (triton): backward through the same graph twice is not supported; recompute the loss"
+            )
+        ctx.used = True
+        grad, mask = ctx.saved_tensors
+        factor = grad_out if mask is None else grad_out / mask.sum().clamp_min(1)
+        return scale_unless_one_(grad, factor), None, None, None, None
+
+
+def _as_bytes(mask):
+    """One byte per row, read as uint8 (bool pointers are not portable across Triton versions)."""
+    return None if mask is None else mask.contiguous().view(torch.uint8)
+
+
 def kd_loss_rows(student, teacher, temperature, mask):
-    if mask is not None:  # one byte per row, read as uint8 (bool pointers are not portable across Triton versions)
-        mask = mask.contiguous().view(torch.uint8)
     if student.requires_grad and torch.is_grad_enabled():
-        return KDLossRows.apply(student, teacher, temperature, mask)
-    return kd_loss_fwd(student, teacher, temperature, mask, False)[0]
+        return KDLossRows.apply(student, teacher, temperature, _as_bytes(mask))
+    return kd_loss_fwd(student, teacher, temperature, _as_bytes(mask), False)[0]
+
+
+def kd_loss(student, teacher, temperature, mask, reduction):
+    teacher = teacher.detach()  # the teacher is a constant
+    if reduction == "none" or not (student.requires_grad and torch.is_grad_enabled()):
+        return reduce_rows(kd_loss_rows(student, teacher, temperature, mask), mask, reduction)
+    return KDLoss.apply(student, teacher, temperature, mask, reduction)
