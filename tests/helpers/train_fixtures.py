@@ -57,39 +57,25 @@ def make_tiny(root):
     return root
 
 
-def tiny_args(tiny, out, *extra):
-    """The tiny training job's arguments. On the CPU unless extra says otherwise: the tests build and read
-    models on the CPU, and `--device auto` would send their batches to a GPU where there is one."""
+def tiny_settings(tiny, out, *extra, epochs: int = 2) -> list[str]:
+    """A tiny training job's arguments without its data: the tiny model, a small bottleneck, short stages. On the
+    CPU unless extra says otherwise: the tests build and read models on the CPU, and `--device auto` would send
+    their batches to a GPU where there is one."""
     return [
         "--device",
         "cpu",
-        "--data-dir",
-        str(tiny / "glue"),
         "--teacher",
         str(tiny / "model"),
         "--output-dir",
         str(out),
-        "--val-size",
-        "16",
-        "--num-heads",
-        "4",
-        "--num-keys",
-        "8",
-        "--kmeans-samples",
-        "64",
-        "--batch-size",
-        "8",
-        "--eval-batch-size",
-        "16",
-        "--teacher-epochs",
-        "1",
-        "--bottleneck-epochs",
-        "2",
-        "--epochs",
-        "2",
-        "--teacher-lr",
-        "1e-3",
-        "--lr",
-        "1e-3",
+        *("--num-heads", "4", "--num-keys", "8", "--kmeans-samples", "64"),
+        *("--batch-size", "8", "--eval-batch-size", "16"),
+        *("--teacher-epochs", "1", "--bottleneck-epochs", str(epochs), "--epochs", str(epochs)),
+        *("--teacher-lr", "1e-3", "--lr", "1e-3"),
         *extra,
     ]
+
+
+def tiny_args(tiny, out, *extra):
+    """tiny_settings on the tiny GLUE folders (SST-2 by default)."""
+    return tiny_settings(tiny, out, "--data-dir", str(tiny / "glue"), "--val-size", "16", *extra)

@@ -10,41 +10,14 @@ import pytest
 from keydistill import ablation
 from keydistill.train import TrainConfig, main, parse_config
 from tests.helpers.own_data import labelled_rows, write_rows
+from tests.helpers.train_fixtures import tiny_settings
 
 CLASSES3 = ["neutral", "entailment", "contradiction"]
 
 
 def own_args(tiny, out, *extra):
-    """Tiny settings for a run on your own files (no --data-dir: the files are the data)."""
-    return [
-        "--teacher",
-        str(tiny / "model"),
-        "--output-dir",
-        str(out),
-        "--num-heads",
-        "4",
-        "--num-keys",
-        "8",
-        "--kmeans-samples",
-        "64",
-        "--batch-size",
-        "8",
-        "--eval-batch-size",
-        "16",
-        "--teacher-epochs",
-        "1",
-        "--bottleneck-epochs",
-        "1",
-        "--epochs",
-        "1",
-        "--teacher-lr",
-        "1e-3",
-        "--lr",
-        "1e-3",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    """Tiny settings for a run on your own files (no --data-dir: the files are the data), one epoch a stage."""
+    return tiny_settings(tiny, out, *extra, epochs=1)
 
 
 def train(capsys, tiny, out, *extra) -> tuple[int, str, str]:
