@@ -20,11 +20,10 @@ from keydistill.checkpoint import load_checkpoint, read_record, save_checkpoint
 from keydistill.train import distributed
 from keydistill.train.averaging import WeightAverage
 from keydistill.train.config import RunError, TrainConfig
-from keydistill.train.state import TrainState
+from keydistill.train.state import Stage, TrainState
 
 if TYPE_CHECKING:
     from keydistill.train.context import Run
-    from keydistill.train.loop import Stage
 
 
 def best_path(run: Run, stage: str) -> Path:

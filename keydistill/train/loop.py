@@ -15,7 +15,7 @@ import time
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -29,25 +29,10 @@ from keydistill.train.checkpointer import Checkpointer, best_path
 from keydistill.train.config import TrainConfig
 from keydistill.train.distributed import Dist
 from keydistill.train.features import batches_on, forward, progress_bar
-from keydistill.train.state import TrainState
+from keydistill.train.state import Stage, TrainState
 
 if TYPE_CHECKING:
     from keydistill.train.context import Run
-
-
-@dataclass
-class Stage:
-    name: str
-    model: torch.nn.Module  # checkpointed whole
-    params: list[torch.nn.Parameter]  # what the optimizer trains
-    epochs: int
-    lr: float
-    dataset: torch.utils.data.Dataset
-    collate: Callable
-    # (trainer, batch) -> {"total": ..., other terms}; trainer(batch, ...) is BatchForward's forward
-    loss: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
-    validate: Callable[[], dict[str, float]]
-    average: float = 0.0  # decay of the weight average validated and kept (keydistill.train.averaging); 0: none
 
 
 def fit(run: Run, stage: Stage) -> dict:
@@ -166,7 +151,7 @@ class StepLoss:
     def across(self, ranks: Dist) -> tuple[dict[str, float], int]:
         """The sums by name and the examples, each summed over the data-parallel ranks: one all-reduce, and
         the step's one device-to-host copy (the loss curve needs it)."""
-        values = torch.cat([self.sums, self.sums.new_tensor([self.examples])])
+        values = torch.cat([self.sums, self.sums.new_full((1,), self.examples)])  # a fill, no host copy
         if ranks.active:
             distributed.all_reduce_sum_(values, "step loss")
         *sums, examples = values.tolist()

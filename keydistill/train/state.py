@@ -1,10 +1,29 @@
-"""Where a stage's training stands, and what it has measured so far: TrainState, also the record that its
-latest checkpoint keeps (to_dict / from_dict), so a resumed run continues from it."""
+"""A training stage: what it trains (Stage), and where its training stands with what it has measured so far
+(TrainState, also the record that its latest checkpoint keeps: to_dict / from_dict, so a resumed run
+continues from it)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Stage:
+    name: str
+    model: torch.nn.Module  # checkpointed whole
+    params: list[torch.nn.Parameter]  # what the optimizer trains
+    epochs: int
+    lr: float
+    dataset: torch.utils.data.Dataset
+    collate: Callable
+    # (trainer, batch) -> {"total": ..., other terms}; trainer(batch, ...) is BatchForward's forward
+    loss: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]
+    validate: Callable[[], dict[str, float]]
+    average: float = 0.0  # decay of the weight average validated and kept (keydistill.train.averaging); 0: none
 
 
 @dataclass

@@ -24,7 +24,8 @@ from keydistill.models import student_from_teacher
 from keydistill.train import distributed
 from keydistill.train.evaluate import evaluator
 from keydistill.train.features import FeatureDataset, encode
-from keydistill.train.loop import Stage, fit, trainable
+from keydistill.train.loop import fit, trainable
+from keydistill.train.state import Stage
 from keydistill.train.targets import LayerMatch, transfer_set
 from keydistill.train.teacher import fit_decoder, save_model
 

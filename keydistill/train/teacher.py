@@ -18,7 +18,8 @@ from keydistill.train import distributed
 from keydistill.train.config import RunError
 from keydistill.train.evaluate import evaluator
 from keydistill.train.features import FeatureDataset, batches_on, collate_features, encode, progress_bar
-from keydistill.train.loop import Stage, fit, token_loss, trainable
+from keydistill.train.loop import fit, token_loss, trainable
+from keydistill.train.state import Stage
 
 if TYPE_CHECKING:
     from keydistill.train.context import Run

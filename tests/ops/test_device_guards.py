@@ -74,26 +74,13 @@ def factories_without_device(source: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-# The step's one deliberate device-to-host exchange: the loss curve's sums and example count, in one copy.
-SYNC_POINTS = {"summed_across_ranks"}
-
-
 def host_copies(source: str) -> list[tuple[int, str]]:
-    """(line, call) of every .new_tensor(...) outside SYNC_POINTS: host data copied to the device per call."""
+    """(line, call) of every .new_tensor(...): host data copied to the device per call."""
     tree = ast.parse(source)
-    exempt = {
-        id(node)
-        for fn in ast.walk(tree)
-        if isinstance(fn, ast.FunctionDef) and fn.name in SYNC_POINTS
-        for node in ast.walk(fn)
-    }
     return [
         (node.lineno, "new_tensor")
         for node in ast.walk(tree)
-        if id(node) not in exempt
-        and isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "new_tensor"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "new_tensor"
     ]
 
 

@@ -14,8 +14,7 @@ from keydistill.train import RunError, parse_config
 from keydistill.train.averaging import WeightAverage
 from keydistill.train.checkpointer import Checkpointer
 from keydistill.train.context import Run
-from keydistill.train.loop import Stage
-from keydistill.train.state import TrainState
+from keydistill.train.state import Stage, TrainState
 
 # A latest checkpoint's "state" as the loop wrote it before TrainState: an 11-key dict, in its key order
 TODAYS_RECORD = {
