@@ -10,12 +10,13 @@ import torch
 from transformers import AutoTokenizer
 
 from keydistill.bottleneck import BottleneckConfig
+from keydistill.data import get_task
 from keydistill.export import export_onnx
-from keydistill.models import BertWithKeyBottleneck, student_from_teacher
+from keydistill.models import BertWithKeyBottleneck, load_model, student_from_teacher
 from keydistill.predict import OnnxPredictor, Predictor
 from keydistill.predict.cli import main
 from tests.helpers.no_torch import run_without_torch
-from tests.helpers.tiny_models import fit_keys, glue_dir, sst2_dev_sentences
+from tests.helpers.tiny_models import fit_keys, glue_dir, random_sentences, sst2_dev_sentences, write_folders
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,25 @@ def test_onnx_file_runs_on_the_cpu_only(student, tmp_path, capsys):
         assert main([str(path), "--input", str(texts), "--device", device]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --device {device}: an .onnx file runs on the CPU") and err.count("\n") == 1
+
+
+def test_the_files_label_names_tell_apart_glue_tasks_that_share_a_header(tmp_path, capsys):
+    """RTE's and WNLI's dev files have the same header; the model's label names say which task a file is, read
+    from the folder's config or from the .onnx file's metadata."""
+    _, folder = write_folders(tmp_path / "rte", label_names=get_task("rte").label_names)
+    path = export_onnx(load_model(folder), tmp_path / "rte.onnx", tokenizer=AutoTokenizer.from_pretrained(folder))
+    firsts, seconds = random_sentences(24, seed=4), random_sentences(24, seed=5)
+    dev = tmp_path / "dev.tsv"
+    rows = [
+        f"{i}\t{a}\t{b}\t{('entailment', 'not_entailment')[i % 2]}" for i, (a, b) in enumerate(zip(firsts, seconds))
+    ]
+    dev.write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    outputs = []
+    for model in (folder, path):
+        assert main([str(model), "--input", str(dev), "--device", "cpu"]) == 0
+        out, err = capsys.readouterr()
+        assert "as a GLUE rte file" in err
+        outputs.append((_table(out), _scored(err)))
+    (ours, our_scores), (theirs, their_scores) = outputs
+    assert [r[:2] for r in theirs] == [r[:2] for r in ours] and len(theirs) == 25
+    assert their_scores == our_scores and our_scores[0].startswith("rte on 24 labelled rows: accuracy=")
