@@ -9,7 +9,7 @@ Both return one Prediction per input, in input order (keydistill.predict.base). 
 (keydistill.predict.cli) reads its input files with keydistill.predict.inputs.
 
 The predictors are imported on first use, so that `from keydistill.predict import OnnxPredictor` never
-imports PyTorch.
+imports PyTorch; nor does `python -m keydistill.predict FILE.onnx` (tests/serve/test_onnx_predictor.py).
 """
 
 from keydistill.predict.base import Prediction, Text

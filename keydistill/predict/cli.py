@@ -6,20 +6,28 @@ line is an error naming file:line; no line is ever dropped. A labelled GLUE file
 model's label names are its task's (a model's class ids mean nothing under another task's labels); a file
 read by its columns is scored under the model's own label names. Every mistake a user can make is one line
 `error: ...` and exit status 2 (keydistill.cli.run_command).
+
+An .onnx file (written by python -m keydistill.export) is served with onnxruntime and tokenizers alone: this
+module and what it imports load PyTorch only for a model folder.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
 from keydistill.data import TASKS, DataError, compute_metrics
-from keydistill.devices import DEVICE_HELP, check_device, resolve_auto
+from keydistill.devices import DEVICE_HELP
 from keydistill.errors import InputError
-from keydistill.models.classifiers import read_checkpoint_config
-from keydistill.predict import OnnxPredictor, Prediction, Predictor
+from keydistill.predict.base import Prediction
 from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
+
+if TYPE_CHECKING:
+    from keydistill.predict import OnnxPredictor, Predictor
+
+ONNX_DEVICES = ("auto", "cpu")  # onnxruntime's CPU provider: the only one an exported file is served with
 
 
 def format_keys(keys: list[list[int]] | None) -> str:
@@ -36,8 +44,9 @@ def write_predictions(out, rows: InputRows, predictions: list[Prediction], regre
 
 
 DESCRIPTION = (
-    "Predict every line of a file (or stdin) with a model folder written by keydistill, and write a TSV of "
-    "predictions: one text or tab-separated pair per line, or a GLUE TSV file."
+    "Predict every line of a file (or stdin) with a model folder written by keydistill, or an .onnx file written "
+    "by python -m keydistill.export (served with onnxruntime, without PyTorch), and write a TSV of predictions: "
+    "one text or tab-separated pair per line, or a GLUE TSV file."
 )
 
 
@@ -48,7 +57,9 @@ def build_parser() -> Parser:
         formatter_class=HelpFormatter,
         aliases={"--per-device-eval-batch-size": "--batch-size", "--max-seq-length": "--max-length"},
     )
-    parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
+    parser.add_argument(
+        "model", help="a model folder written by keydistill (e.g. runs/sst2/student), or an exported .onnx file"
+    )
     parser.add_argument(
         "--input", default="-", help="one text or tab-separated pair per line, or a GLUE TSV file; - is stdin"
     )
@@ -78,7 +89,7 @@ def build_parser() -> Parser:
         "--max-length", type=int, default=None, help="tokens per example after truncation; none: the model's limit"
     )
     parser.add_argument("--key-indices", action="store_true", help="add the key index each bottleneck head chose")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP + "; an .onnx file runs on the CPU")
     return parser
 
 
@@ -96,25 +107,25 @@ def predict_command(argv: list[str]) -> int:
     problem = _output_problem(args.output)
     if problem:
         return fail(problem)
-    try:
-        device = check_device(resolve_auto(args.device), "--device")
-    except ValueError as e:
-        return fail(str(e))
+    onnx_file = args.model.endswith(".onnx")
+    device = _onnx_device(args.device) if onnx_file else _folder_device(args.device)
+    # An .onnx file loads at once and its metadata holds the label names that tell GLUE headers apart; a
+    # folder's weights load after the input is read, so that a bad input line is found before that wait.
+    predictor = _load_predictor(args.model, device) if onnx_file else None
+    label_names = predictor.label_names if onnx_file else _saved_label_names(args.model)
     try:
         rows = read_inputs(
             args.input,
             args.task,
             args.format,
-            _saved_label_names(args.model),
+            label_names,
             text_columns=[c.strip() for c in args.text_columns.split(",")] if args.text_columns else None,
             label_column=args.label_column,
         )
     except DataError as e:
         return fail(str(e))
-    try:
+    if predictor is None:
         predictor = _load_predictor(args.model, device)
-    except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable weights, no tokenizer
-        return fail(load_error(args.model, e))
     if args.max_length is not None:
         limit = predictor.max_positions
         if args.max_length > limit:
@@ -153,11 +164,38 @@ def load_error(folder: str, error: Exception) -> str:
     return str(error) if str(folder) in str(error) else f"cannot load the model {folder}: {error}"
 
 
+def _onnx_device(device: str) -> str:
+    """--device for an .onnx file: the CPU, where onnxruntime serves it; a GPU asked for is a usage error
+    (the model folder runs there)."""
+    if device not in ONNX_DEVICES:
+        raise InputError(
+            f"--device {device}: an .onnx file runs on the CPU with onnxruntime; pass cpu or auto, or the model folder"
+        )
+    return "cpu"
+
+
+def _folder_device(device: str):
+    """--device for a model folder, as a torch.device (the first import of PyTorch on this path)."""
+    from keydistill.devices import check_device, resolve_auto
+
+    try:
+        return check_device(resolve_auto(device), "--device")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def _load_predictor(model: str, device) -> Predictor | OnnxPredictor:
     """A model folder's Predictor, or an exported .onnx file's OnnxPredictor (onnxruntime, on the CPU)."""
-    if model.endswith(".onnx"):
-        return OnnxPredictor.from_file(model)
-    return Predictor.from_pretrained(model, device=device)
+    try:
+        if model.endswith(".onnx"):
+            from keydistill.predict.onnx_predictor import OnnxPredictor
+
+            return OnnxPredictor.from_file(model)
+        from keydistill.predict.predictor import Predictor
+
+        return Predictor.from_pretrained(model, device=device)
+    except (OSError, ValueError) as e:  # no folder, not a keydistill model, unreadable weights, no tokenizer
+        raise InputError(load_error(model, e)) from None
 
 
 def _report_metrics(rows: InputRows, predictions: list[Prediction], model: Predictor | OnnxPredictor) -> None:
@@ -179,6 +217,8 @@ def _report_metrics(rows: InputRows, predictions: list[Prediction], model: Predi
 def _saved_label_names(folder: str) -> list[str] | None:
     """The label names in a model folder's config, or None when it has none to read (the model load that
     follows reports why)."""
+    from keydistill.models.classifiers import read_checkpoint_config
+
     try:
         return read_checkpoint_config(folder)["label_names"]
     except (OSError, ValueError, KeyError, TypeError):
