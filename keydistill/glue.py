@@ -37,7 +37,7 @@ from keydistill.data import TASKS, compute_metrics, get_task, load_task
 from keydistill.errors import ConfigError, KeydistillError, UsageError
 from keydistill.seeds import mean_sd
 from keydistill.train import TrainConfig, build_parser, distributed, parse_config, run_all
-from keydistill.train.config import changed_settings, config_problems, default_settings
+from keydistill.train.config import OWN_DATA, changed_settings, config_problems, default_settings, flag_of
 from keydistill.train.context import check_output_dir, resolve_teacher
 
 ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")  # DistilBERT's Table 1 columns
@@ -101,8 +101,12 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     parser.add_argument("--tasks", default=None)
     parser.add_argument("--seeds", default=None)
     known, rest = parser.parse_known_args(argv)
-    if "task" in explicit_flags(train_parser(), rest):  # each task sets its own: it would do nothing
+    explicit = explicit_flags(train_parser(), rest)
+    if "task" in explicit:  # each task sets its own: it would do nothing
         raise UsageError("--task names one task of keydistill.train; the GLUE runner takes --tasks (e.g. --tasks cola)")
+    own = [flag_of(name) for name in ("train_file", "label_column", *OWN_DATA) if name in explicit]
+    if own:
+        raise UsageError(f"{', '.join(own)}: the GLUE runner runs GLUE tasks; your own data runs with keydistill.train")
     return known.tasks, rest
 
 

@@ -29,6 +29,13 @@ class CustomDataset(torch.utils.data.Dataset):
         examples = [as_example(row, i) for i, row in enumerate(examples)]
         if not examples:
             raise ValueError("CustomDataset needs at least one example")
+        widths = {len(e.texts) for e in examples}
+        if len(widths) > 1:  # zip would silently drop the second sentence of the pairs
+            first_pair = next(i for i, e in enumerate(examples) if len(e.texts) != len(examples[0].texts))
+            raise ValueError(
+                f"CustomDataset: example {first_pair} has {len(examples[first_pair].texts)} text(s) and example 0 "
+                f"{len(examples[0].texts)}: give single sentences or pairs, not both"
+            )
         columns = [list(c) for c in zip(*(e.texts for e in examples))]
         encoded = tokenizer(*columns, truncation=True, max_length=max_length)
         self.input_ids = encoded["input_ids"]

@@ -46,7 +46,8 @@ def write_predictions(out, rows: InputRows, predictions: list[Prediction], regre
 DESCRIPTION = (
     "Predict every line of a file (or stdin) with a model folder written by keydistill, or an .onnx file written "
     "by python -m keydistill.export (served with onnxruntime, without PyTorch), and write a TSV of predictions: "
-    "one text or tab-separated pair per line, or a GLUE TSV file."
+    "one text or tab-separated pair per line, a GLUE TSV file, or a CSV, JSON lines or Parquet file read by its "
+    "columns (--text-columns, --label-column)."
 )
 
 
@@ -61,7 +62,9 @@ def build_parser() -> Parser:
         "model", help="a model folder written by keydistill (e.g. runs/sst2/student), or an exported .onnx file"
     )
     parser.add_argument(
-        "--input", default="-", help="one text or tab-separated pair per line, or a GLUE TSV file; - is stdin"
+        "--input",
+        default="-",
+        help="plain lines (a text or tab-separated pair each), a GLUE TSV, CSV, JSON lines or Parquet file; - is stdin",
     )
     parser.add_argument("--output", default="-", help="where the TSV of predictions goes; - is stdout")
     parser.add_argument(

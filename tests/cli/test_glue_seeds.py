@@ -88,3 +88,9 @@ def test_seeds_must_be_a_positive_count(tiny, tmp_path, fake_runs, capsys, seeds
     assert glue.main(tiny_args(tiny, tmp_path / "out", "--seeds", seeds)) == 2
     assert "--seeds: must be a whole number > 0" in capsys.readouterr().err
     assert fake_runs == [] and not (tmp_path / "out").exists()
+
+
+def test_own_data_flags_are_a_usage_error_before_any_task(tiny, tmp_path, fake_runs, capsys):
+    assert glue.main(tiny_args(tiny, tmp_path / "out", "--tasks", "sst2", "--train-file", "x.csv")) == 2
+    assert "--train-file: the GLUE runner runs GLUE tasks" in capsys.readouterr().err
+    assert fake_runs == [] and not (tmp_path / "out").exists()

@@ -230,3 +230,5 @@ def test_custom_dataset_takes_plain_rows(tmp_path):
     assert 1 in pairs.token_type_ids[0] and pairs.labels.tolist() == [2.5]
     with pytest.raises(TypeError, match="example 1"):
         CustomDataset([("good", 1), ("a", "b", 3)], tokenizer, max_length=16)
+    with pytest.raises(ValueError, match="example 1 has 2 text"):  # zip would drop the pair's second sentence
+        CustomDataset([("good", 1), (("good film", "fun plot"), 0)], tokenizer, max_length=16)
