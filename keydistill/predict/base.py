@@ -18,6 +18,25 @@ class Prediction:
     key_indices: list[list[int]] | None = None  # [kept positions][heads]: with return_key_indices=True
 
 
+class LengthOrderedPredictor:
+    """What a predictor shares: predict() over its _encode (columns of texts -> rows) and _predict_batch."""
+
+    def predict(
+        self, inputs: Text | Iterable[Text], *, batch_size: int = 32, return_key_indices: bool = False
+    ) -> list[Prediction]:
+        """One Prediction per input, in input order. inputs: a text, or an iterable of texts and
+        (first, second) pairs, which may be mixed."""
+        return predict_in_length_order(
+            inputs, batch_size, self._encode, lambda rows: self._predict_batch(rows, return_key_indices)
+        )
+
+    def _encode(self, columns: list[list[str]]) -> list[Row]:
+        raise NotImplementedError
+
+    def _predict_batch(self, rows: list[Row], return_key_indices: bool) -> list[Prediction]:
+        raise NotImplementedError
+
+
 def predict_in_length_order(
     inputs: Text | Iterable[Text],
     batch_size: int,

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
 
 import numpy as np
 
-from keydistill.predict.base import Prediction, Row, Text, padded, predict_in_length_order
+from keydistill.predict.base import LengthOrderedPredictor, Prediction, Row, padded
 
 REQUIRED_METADATA = ("id2label", "max_length", "tokenizer")
 
 
-class OnnxPredictor:
+class OnnxPredictor(LengthOrderedPredictor):
     """An onnxruntime session of an exported keydistill file, its tokenizer and its labels."""
 
     def __init__(self, session, tokenizer, metadata: dict[str, str], *, max_length: int | None = None):
@@ -64,15 +63,6 @@ class OnnxPredictor:
                 "from a model folder with a tokenizer)"
             )
         return cls(session, Tokenizer.from_str(metadata["tokenizer"]), metadata, max_length=max_length)
-
-    def predict(
-        self, inputs: Text | Iterable[Text], *, batch_size: int = 32, return_key_indices: bool = False
-    ) -> list[Prediction]:
-        """One Prediction per input, in input order. inputs: a text, or an iterable of texts and
-        (first, second) pairs, which may be mixed."""
-        return predict_in_length_order(
-            inputs, batch_size, self._encode, lambda rows: self._predict_batch(rows, return_key_indices)
-        )
 
     def _encode(self, columns: list[list[str]]) -> list[Row]:
         if not 1 <= self.max_length <= self.max_positions:

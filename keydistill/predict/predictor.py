@@ -13,17 +13,16 @@ model; with return_key_indices=True also the key each bottleneck head chose.
 from __future__ import annotations
 
 import os
-from typing import Iterable
 
 import torch
 
 from keydistill.devices import check_device
 from keydistill.models import KeyBottleneckClassifier, load_model
 from keydistill.models.classifiers import has_tokenizer
-from keydistill.predict.base import Prediction, Row, Text, padded, predict_in_length_order
+from keydistill.predict.base import LengthOrderedPredictor, Prediction, Row, padded
 
 
-class Predictor:
+class Predictor(LengthOrderedPredictor):
     """A model, its tokenizer and a truncation length: predictions on raw text."""
 
     def __init__(self, model: KeyBottleneckClassifier, tokenizer, *, max_length: int | None = None):
@@ -72,15 +71,6 @@ class Predictor:
     def max_positions(self) -> int:
         """The longest max_length the model takes (its position embeddings)."""
         return self.model.config.max_position_embeddings
-
-    def predict(
-        self, inputs: Text | Iterable[Text], *, batch_size: int = 32, return_key_indices: bool = False
-    ) -> list[Prediction]:
-        """One Prediction per input, in input order. inputs: a text, or an iterable of texts and
-        (first, second) pairs, which may be mixed."""
-        return predict_in_length_order(
-            inputs, batch_size, self._encode, lambda rows: self._predict_batch(rows, return_key_indices)
-        )
 
     def _encode(self, columns: list[list[str]]) -> list[Row]:
         encoded = self.tokenizer(*columns, truncation=True, max_length=self.max_length)
