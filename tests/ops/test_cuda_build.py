@@ -197,7 +197,7 @@ def test_gpu_check_dry_run_plans_build_tests_benchmarks_and_smoke_within_budget(
         and "-s benchmarks/test_bench_ops.py benchmarks/test_bench_e2e.py" in lines["benchmarks"]
     )
     assert "-m keydistill.train " in lines["smoke"] and "--max-train-samples 2000" in lines["smoke"]
-    assert "--device cuda" in lines["smoke"]
+    assert "--device cuda" in lines["smoke"] and "--overwrite-output-dir" in lines["smoke"]
     module = _gpu_check()
     limits = [step.limit_s for step in module.steps(str(tmp_path))]
     assert sum(limits) + module.GRACE_S < module.BUDGET_S < 8 * 60  # every step can use its whole limit
