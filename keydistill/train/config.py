@@ -349,8 +349,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # transformers' names for the common settings (run_glue.py, TrainingArguments), in the flags' dashed spelling
 ALIASES = {flag_of(f.metadata["alias"]): flag_of(f.name) for f in FIELDS.values() if f.metadata["alias"]}
 DESCRIPTION = (
-    "Distil one GLUE task: train a BERT teacher with a discrete key bottleneck, distil a smaller DistilBERT "
-    "student from it, test both, and save both as transformers folders in --output-dir."
+    "Distil one task (a GLUE task, or your own files with --train-file): train a BERT teacher with a discrete key "
+    "bottleneck, distil a smaller DistilBERT student from it, test both, and save both as transformers folders "
+    "in --output-dir."
 )
 
 

@@ -156,7 +156,10 @@ def test_each_command_has_its_own_description(command, capsys):
         main_of[command](["--help"])
     text = capsys.readouterr().out
     description = text.split("\n\n")[1]
-    assert description.split()[0] in {"Distil", "Predict", "Export"} and "Distil one GLUE task: train" not in text
+    assert (
+        description.split()[0] in {"Distil", "Predict", "Export"}
+        and "Distil one task (a GLUE task, or your own" not in text
+    )
     assert "(default:" in text
 
 
