@@ -67,3 +67,18 @@ def hold_out(
     random.Random(seed).shuffle(order)
     train_end = None if max_train_samples is None else val_size + max_train_samples
     return [train[i] for i in order[val_size:train_end]], [train[i] for i in order[:val_size]]
+
+
+class LabelledTask:
+    """What a task's label names say of it (GlueTask and FileTask): its class count, or a regression task."""
+
+    label_names: tuple[str, ...]  # the classes in class-index order; empty for regression
+
+    @property
+    def num_labels(self) -> int:
+        """Classes, or 1 for a regression task."""
+        return len(self.label_names) or 1
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_names

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from keydistill.data.examples import VAL_RULE, DataError, Example, RowErrors, TaskData, hold_out
+from keydistill.data.examples import VAL_RULE, DataError, Example, LabelledTask, RowErrors, TaskData, hold_out
 from keydistill.data.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
 # File extension -> the `datasets` loader that reads it.
@@ -33,7 +33,7 @@ FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".pa
 
 
 @dataclass(frozen=True)
-class FileTask:
+class FileTask(LabelledTask):
     """A task read from files: what GlueTask says of a GLUE task, for your own data."""
 
     name: str  # names the run folder (runs/<name>)
@@ -42,15 +42,6 @@ class FileTask:
     label_names: tuple[str, ...]  # the classes in class-index order; empty for regression
     metrics: tuple[str, ...]  # the first one selects the best checkpoint
     test_splits: tuple[str, ...] = ("test",)  # () without a test file
-
-    @property
-    def num_labels(self) -> int:
-        """Classes, or 1 for a regression task."""
-        return len(self.label_names) or 1
-
-    @property
-    def is_regression(self) -> bool:
-        return not self.label_names
 
 
 def check_file(path: str) -> str:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keydistill.data.examples import VAL_RULE, DataError, Example, TaskData, hold_out
+from keydistill.data.examples import VAL_RULE, DataError, Example, LabelledTask, TaskData, hold_out
 from keydistill.data.recipes import RECIPES, Recipe
 from keydistill.data.tsv import load_local
 
 
 @dataclass(frozen=True)
-class GlueTask:
+class GlueTask(LabelledTask):
     name: str  # the --task name, also the hub config name
     folder: str  # sub-folder in the GLUE TSV layout
     text_columns: tuple[str, ...]  # one column: single sentences; two: sentence pairs
@@ -39,15 +39,6 @@ class GlueTask:
     def recipe(self) -> Recipe:
         """The keydistill.train settings this task runs with unless a flag says otherwise (data.recipes)."""
         return RECIPES[self.name]
-
-    @property
-    def num_labels(self) -> int:
-        """Classes, or 1 for a regression task."""
-        return len(self.label_values) or 1
-
-    @property
-    def is_regression(self) -> bool:
-        return not self.label_values
 
     @property
     def test_splits(self) -> tuple[str, ...]:
