@@ -11,8 +11,10 @@ Export mode: the model's own lookup goes through keydistill.ops.nearest_key, a c
 counterpart for, and pools with data-dependent shapes. ExportableClassifier runs the same eval-mode path in
 plain tensor ops instead: the nearest key as argmin_k ||k||^2 - 2 q.k (||q||^2 is the same for every k;
 ties go to the lowest k, as in nearest_key), then the values, the mean over heads and the masked mean over
-positions. Its nodes are named under LOOKUP_SCOPE, so that int8 quantization can leave them in float32
-(keydistill.export.quantize). check_onnx compares the exported file in onnxruntime against the PyTorch model.
+positions. Where the output reads position 0 alone (cls pooling), the last layer runs for that position only
+(keydistill.export.first_token). The lookup's nodes are named under LOOKUP_SCOPE, so that int8 quantization
+can leave them in float32 (keydistill.export.quantize). check_onnx compares the exported file in onnxruntime
+against the PyTorch model.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from keydistill.bottleneck import DiscreteKeyBottleneck
+from keydistill.export.first_token import first_token_hidden
 from keydistill.models import BertWithKeyBottleneck, KeyBottleneckClassifier
 
 DEFAULT_OPSET = 17
@@ -55,9 +58,12 @@ class ExportableClassifier(nn.Module):
     Returns (logits,) for a plain head, or (logits, key_indices [B, T, H]) with a bottleneck.
     """
 
-    def __init__(self, model: KeyBottleneckClassifier):
+    def __init__(self, model: KeyBottleneckClassifier, first_token: bool = True):
         super().__init__()
         self.model = model
+        # The output reads the last layer at position 0 only (cls pooling, or a plain head): with
+        # first_token, that layer runs for that position alone (keydistill.export.first_token).
+        self.first_token = first_token and (model.bottleneck is None or model.bottleneck.config.pooling == "cls")
         # The exporter traces in eval mode, then restores the wrapper's mode, and with it the model's: a
         # wrapper left in training mode would hand back a model whose next forward updates its keys.
         self.eval()
@@ -76,7 +82,9 @@ class ExportableClassifier(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ):
         model = self.model
-        hidden = model._encode(input_ids, attention_mask, token_type_ids)
+        hidden = first_token_hidden(model, input_ids, attention_mask, token_type_ids) if self.first_token else None
+        if hidden is None:
+            hidden = model._encode(input_ids, attention_mask, token_type_ids)
         if model.bottleneck is None:
             return (model.head(hidden[:, 0]),)
         pooled, key_indices = self.lookup(model.bottleneck, hidden, attention_mask)
