@@ -26,12 +26,13 @@ from pathlib import Path
 
 from keydistill.checkpoint import write_json
 from keydistill.cli import Parser, explicit_flags, paragraphs, run_command, wrote
+from keydistill.data.settings import load_data
 from keydistill.errors import ConfigError, UsageError
 from keydistill.glue import continued, finished, positive_count
 from keydistill.seeds import aggregate, shown
 from keydistill.train import TrainConfig, build_parser, parse_config, run_all, validate
 from keydistill.train.config import defaults_for, settings_json
-from keydistill.train.context import check_output_dir, load_data
+from keydistill.train.context import check_output_dir
 
 VARIANTS = ("carry", "fresh", "none")
 

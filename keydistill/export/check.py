@@ -1,50 +1,64 @@
 """The int8 file against the float32 file on real rows of the task, both served as users serve them
 (keydistill.predict.OnnxPredictor): how often their labels agree and, with gold labels, each metric of each.
 
-The rows: a --check-file (plain lines or a GLUE TSV file, read as `python -m keydistill.predict` reads
-its input), else the validation rows of the run that wrote the model folder (the run's config.json beside
-the folder names the task, data folder, split and seed), else none (the check is then skipped, and says so).
+The rows: a --check-file (any input `python -m keydistill.predict` reads, with --label-column and
+--text-columns as there), else the validation rows of the run that wrote the model folder (the run's
+config.json beside the folder names the task and its local files: a GLUE folder or your own files, the split
+and seed), else none (the check is then skipped, and says so).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from keydistill.data import compute_metrics, load_task
+from keydistill.data import compute_metrics
+from keydistill.data.settings import load_data
 from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
 from keydistill.predict.onnx_predictor import OnnxPredictor
 
 
-def check_rows(folder: str, check_file: str | None, label_names) -> tuple[InputRows | None, str]:
+def check_rows(
+    folder: str, check_file: str | None, label_names, text_columns=None, label_column: str | None = None
+) -> tuple[InputRows | None, str]:
     """(the rows to check on, where they come from); DataError for a bad check file."""
     if check_file is not None:
-        return read_inputs(check_file, None, "auto", label_names), check_file
+        rows = read_inputs(check_file, None, "auto", label_names, text_columns=text_columns, label_column=label_column)
+        return rows, check_file
     settings = _run_settings(Path(folder))
     if settings is None:
-        return None, f"no run config.json beside {folder} naming a local data folder"
-    data = load_task(
-        settings["task"],
-        settings["data_dir"],
-        val_size=settings.get("val_size"),
-        seed=settings.get("seed", 0),
-        max_eval_samples=settings.get("max_eval_samples"),
-    )
+        return None, f"no run config.json beside {folder} naming local data (a GLUE folder or your files)"
+    data = load_data(settings)
     lines = list(range(1, len(data.val) + 1))
     rows = InputRows([e.texts for e in data.val], lines, [e.label for e in data.val], data.task)
     return rows, f"the run's {data.task.name} validation rows"
 
 
-def _run_settings(folder: Path) -> dict | None:
-    """The training settings saved beside a model folder, when they name a local GLUE folder that exists."""
+DATA_FIELDS = {
+    "task": None, "data_dir": None, "val_size": None, "seed": 0, "max_eval_samples": None, "skip_bad_rows": False,
+    "train_file": None, "validation_file": None, "test_file": None, "text_columns": None, "label_column": "label",
+    "label_names": None, "regression": False,
+}  # fmt: skip
+
+
+def _run_settings(folder: Path) -> SimpleNamespace | None:
+    """The data settings saved beside a model folder, when they name local data that exists: a GLUE folder,
+    or the run's own files. (Validation rows come before max_train_samples caps train: it is left out.)"""
     try:
-        settings = json.loads((folder.parent / "config.json").read_text())
+        saved = json.loads((folder.parent / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    data_dir = settings.get("data_dir") if isinstance(settings, dict) else None
-    return settings if "task" in settings and data_dir and Path(data_dir).is_dir() else None
+    if not isinstance(saved, dict) or "task" not in saved:
+        return None
+    local = saved.get("train_file") or saved.get("data_dir")
+    if not local or not Path(local).exists():
+        return None
+    return SimpleNamespace(
+        **{name: saved.get(name, default) for name, default in DATA_FIELDS.items()}, max_train_samples=None
+    )
 
 
 def compare(fp32: OnnxPredictor, int8: OnnxPredictor, rows: InputRows, batch_size: int = 32) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
 from keydistill.data import DataError
+from keydistill.data.settings import comma_list
 from keydistill.export import check as int8_check
 from keydistill.export.onnx import (
     DEFAULT_OPSET,
@@ -28,7 +29,7 @@ from keydistill.export.onnx import (
 from keydistill.export.quantize import LookupNotExact, quantize_int8
 from keydistill.models import load_model
 from keydistill.models.classifiers import has_tokenizer
-from keydistill.predict.cli import fail, load_error
+from keydistill.predict.cli import add_column_flags, fail, load_error
 from keydistill.predict.onnx_predictor import OnnxPredictor
 
 DESCRIPTION = (
@@ -54,9 +55,11 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--check-file",
         default=None,
-        help="rows the int8 file is checked on (one text or tab-separated pair per line, or a GLUE TSV file, "
-        "whose labels give metrics); default: the validation rows of the run that wrote the model",
+        help="rows the int8 file is checked on (any input keydistill.predict reads: plain lines, a GLUE TSV, a "
+        "CSV, JSON lines or Parquet file, whose labels give metrics); default: the validation rows of the run "
+        "that wrote the model",
     )
+    add_column_flags(parser)
     parser.add_argument(
         "--max-drop",
         type=float,
@@ -92,7 +95,9 @@ def export_command(argv: list[str]) -> int:
     rows, source = None, ""
     if int8 and not args.no_check:
         try:
-            rows, source = int8_check.check_rows(args.model, args.check_file, model.label_names)
+            rows, source = int8_check.check_rows(
+                args.model, args.check_file, model.label_names, comma_list(args.text_columns), args.label_column
+            )
         except DataError as e:
             return fail(f"--check-file: {e}" if args.check_file else str(e))
     with tempfile.TemporaryDirectory() as scratch:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from keydistill.cli import HelpFormatter, Parser, paragraphs, run_command, wrote
 from keydistill.data import TASKS, DataError, compute_metrics
+from keydistill.data.settings import comma_list
 from keydistill.devices import DEVICE_HELP
 from keydistill.errors import InputError
 from keydistill.predict.base import Prediction
@@ -51,6 +52,21 @@ DESCRIPTION = (
 )
 
 
+def add_column_flags(parser: Parser) -> None:
+    """--text-columns and --label-column, as predict and export's --check-file read an input file."""
+    parser.add_argument(
+        "--text-columns",
+        default=None,
+        help="one or two comma-separated text columns of a CSV, JSON lines, Parquet or TSV file; "
+        "none: those besides the label",
+    )
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        help="the gold label column of such a file, scored when present; none: label",
+    )
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="python -m keydistill.predict",
@@ -76,17 +92,7 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--task", choices=tuple(TASKS), default=None, help="the GLUE task the input file is of (read by its columns)"
     )
-    parser.add_argument(
-        "--text-columns",
-        default=None,
-        help="one or two comma-separated text columns of a CSV, JSON lines, Parquet or TSV file; "
-        "none: those besides the label",
-    )
-    parser.add_argument(
-        "--label-column",
-        default=None,
-        help="the gold label column of such a file, scored when present; none: label",
-    )
+    add_column_flags(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     parser.add_argument(
         "--max-length", type=int, default=None, help="tokens per example after truncation; none: the model's limit"
@@ -122,7 +128,7 @@ def predict_command(argv: list[str]) -> int:
             args.task,
             args.format,
             label_names,
-            text_columns=[c.strip() for c in args.text_columns.split(",")] if args.text_columns else None,
+            text_columns=comma_list(args.text_columns),
             label_column=args.label_column,
         )
     except DataError as e:

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig
 
 from keydistill.bottleneck import BottleneckConfig
 from keydistill.checkpoint import write_json
-from keydistill.data import CustomDataset, FileTask, GlueTask, TaskData, get_task, load_files, load_task
+from keydistill.data import CustomDataset, FileTask, GlueTask, TaskData
+from keydistill.data.settings import load_data
 from keydistill.models.classifiers import has_tokenizer, is_checkpoint, read_checkpoint_config
 from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
@@ -112,34 +113,6 @@ def setup(cfg: TrainConfig) -> Run:
     if progress is None:
         progress = read_progress(cfg)
     return Run(cfg, task, device, tokenizer, teacher.bottleneck, train, val, tests, progress, ranks, data.train)
-
-
-def load_data(cfg: TrainConfig) -> TaskData:
-    """The run's task and splits: your own files (--train-file), or a GLUE task."""
-    common = {
-        "val_size": cfg.val_size,
-        "seed": cfg.seed,
-        "max_train_samples": cfg.max_train_samples,
-        "max_eval_samples": cfg.max_eval_samples,
-        "skip_bad_rows": cfg.skip_bad_rows,
-    }
-    if not cfg.train_file:
-        return load_task(get_task(cfg.task), cfg.data_dir, **common)
-    return load_files(
-        cfg.train_file,
-        cfg.validation_file,
-        cfg.test_file,
-        text_columns=comma_list(cfg.text_columns),
-        label_column=cfg.label_column,
-        label_names=comma_list(cfg.label_names),
-        regression=cfg.regression,
-        name=cfg.task,
-        **common,
-    )
-
-
-def comma_list(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",")] if text else None
 
 
 def report_rows(cfg: TrainConfig, task: GlueTask | FileTask, data: TaskData, train, val, tests) -> None:

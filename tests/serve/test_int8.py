@@ -1,6 +1,7 @@
 """Int8 export: onnxruntime runs the file to the float32 file's labels, the lookup stays float32, and the
 command line refuses an int8 file that loses more than --max-drop."""
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -132,6 +133,42 @@ def test_int8_cli_checks_on_the_runs_validation_rows(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "int8 vs float32 on the run's sst2 validation rows: 40 rows; labels agree on " in printed
     assert "accuracy " in printed
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def test_int8_cli_checks_on_an_own_data_runs_validation_rows(runs, tmp_path, capsys):
+    """A run on your own files (--train-file): the check draws its validation slice as training did."""
+    folder = runs["cls"][1]
+    train = tmp_path / "reviews.csv"
+    write_csv(train, ["review", "verdict"], [(t, ("negative", "positive")[i % 2]) for i, t in enumerate(ROWS)])
+    run_config = folder.parent / "config.json"
+    saved = {"task": "reviews", "train_file": str(train), "text_columns": "review", "label_column": "verdict"}
+    run_config.write_text(json.dumps({**saved, "val_size": 24, "seed": 3, "max_train_samples": 5}))
+    try:
+        assert main([str(folder), "--onnx", str(tmp_path / "s.onnx"), "--quantize", "int8", "--max-drop", "100"]) == 0
+    finally:
+        run_config.unlink()
+    printed = capsys.readouterr().out
+    assert "int8 vs float32 on the run's reviews validation rows: 24 rows; labels agree on " in printed
+    assert "accuracy " in printed  # the files' labels, scored
+
+
+def test_int8_cli_check_file_reads_named_columns(runs, tmp_path, capsys):
+    folder = runs["cls"][1]
+    gold = OnnxPredictor.from_file(exported(folder, tmp_path / "ref.onnx")).predict(ROWS)
+    check_file = tmp_path / "rows.csv"
+    write_csv(check_file, ["id", "text", "gold"], [(i, t, p.label) for i, (t, p) in enumerate(zip(ROWS, gold))])
+    args = [str(folder), "--onnx", str(tmp_path / "s.onnx"), "--quantize", "int8", "--check-file", str(check_file)]
+    assert main(args + ["--text-columns", "text", "--label-column", "gold", "--max-drop", "100"]) == 0
+    assert re.search(
+        r"64 rows; labels agree on [\d.]+%; keys agree on [\d.]+%; accuracy 100.00 \(float32\)", capsys.readouterr().out
+    )
+    assert main(args + ["--text-columns", "body", "--label-column", "gold"]) == 2  # no such column
+    assert "body" in capsys.readouterr().err
 
 
 def test_int8_cli_mistakes_are_one_error_line(runs, tmp_path, capsys):
