@@ -107,6 +107,10 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     own = [flag_of(name) for name in ("train_file", "label_column", *OWN_DATA) if name in explicit]
     if own:
         raise UsageError(f"{', '.join(own)}: the GLUE runner runs GLUE tasks; your own data runs with keydistill.train")
+    if "test" in explicit:  # the table is of test figures
+        raise UsageError(
+            "--test/--no-test: the GLUE table is of test figures; keydistill.train --no-test validates only"
+        )
     return known.tasks, rest
 
 

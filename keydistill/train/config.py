@@ -114,6 +114,9 @@ class TrainConfig:
     max_eval_samples: int | None = option(None, "cap on validation and test rows; none: all", min=1)
     max_length: int = option(64, "tokens per example after truncation", min=2, alias="max_seq_length")
     skip_bad_rows: bool = option(False, "drop malformed data rows (their count is reported) instead of failing")
+    test: bool = option(
+        True, "evaluate on the test split at the end; --no-test: validation only (choose settings without test)"
+    )
     # Your own data instead of a GLUE task (keydistill.data.files); runs on these defaults, no task recipe.
     train_file: str | None = option(None, "your own training file (.tsv, .csv, .json, .jsonl or .parquet)")
     validation_file: str | None = option(None, "your own validation file; none: a seeded slice of --train-file")

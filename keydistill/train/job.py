@@ -33,7 +33,7 @@ def test_stage(run: Run, teacher, student) -> tuple[dict, dict, dict]:
         started = time.perf_counter()
         val = predict(run, model, run.val, collate)
         results[name] = {"val": score(run.task, val.logits, run.val.labels)}
-        if not run.tests:  # own data without a test file: validation stands in for the test split
+        if not run.tests:  # --no-test, or own data without a test file: validation stands in for the test split
             speed[name], primary[name] = len(run.val) / (time.perf_counter() - started), val
         for split, dataset in run.tests.items():
             started = time.perf_counter()

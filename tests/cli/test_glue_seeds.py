@@ -94,3 +94,9 @@ def test_own_data_flags_are_a_usage_error_before_any_task(tiny, tmp_path, fake_r
     assert glue.main(tiny_args(tiny, tmp_path / "out", "--tasks", "sst2", "--train-file", "x.csv")) == 2
     assert "--train-file: the GLUE runner runs GLUE tasks" in capsys.readouterr().err
     assert fake_runs == [] and not (tmp_path / "out").exists()
+
+
+def test_no_test_is_a_usage_error_before_any_task(tiny, tmp_path, fake_runs, capsys):
+    assert glue.main(tiny_args(tiny, tmp_path / "out", "--tasks", "sst2", "--no-test")) == 2
+    assert "--test/--no-test: the GLUE table is of test figures" in capsys.readouterr().err
+    assert fake_runs == [] and not (tmp_path / "out").exists()

@@ -77,6 +77,17 @@ def test_stsb_regression_reports_correlations_under_bf16(tiny, tmp_path):
         assert -1.0 <= metrics[model]["test"]["pearson"] <= 1.0
 
 
+def test_no_test_validates_only_and_says_so(tiny, tmp_path, capsys):
+    """--no-test: settings are chosen without the test split; the job reports validation in its place."""
+    metrics = run_all(parse_config(tiny_args(tiny, tmp_path, "--epochs", "1", "--no-test")))
+    printed = capsys.readouterr().out
+    assert printed.count("--no-test: no test stage, validation is reported") == 1
+    assert "test is GLUE dev" not in printed and "test accuracy" not in printed
+    for model in ("teacher", "student"):
+        assert set(metrics[model]) == {"val"}
+    assert set(metrics["rows"]) == {"train", "val"}
+
+
 def test_key_ablation_refuses_keys(monkeypatch, capsys, tmp_path):
     """--keys would be overridden by every variant: a usage error, not a silent run of all three."""
     import keydistill.ablation as ablation
