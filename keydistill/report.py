@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from keydistill.train.board import tensorboard_writer  # noqa: E402
+
 
 def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:
     """Teacher and student on val and test, the student/teacher ratio, the codebook, the time taken."""
@@ -73,6 +75,19 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def validation_points(metrics: dict, stage: str) -> list[dict]:
+    """A stage's validations in order, {"step", "val", "chooses"}: every one (metrics["validations"]), or for a
+    run written before they were kept, its epoch ends."""
+    kept = metrics.get("validations", {}).get(stage)
+    if kept:
+        return kept
+    return [
+        {"step": e.get("step", e["epoch"]), "val": e["val"], "chooses": True}
+        for e in metrics["history"]
+        if e["stage"] == stage
+    ]
+
+
 def plot_run(metrics: dict, path: str | Path) -> None:
     """Loss and validation over optimizer steps (the stages end to end, the loss smoothed with its raw trace
     faint behind), and sorted key usage of teacher and student on test."""
@@ -88,13 +103,18 @@ def plot_run(metrics: dict, path: str | Path) -> None:
     loss_ax.set(title="training loss (smoothed)", xlabel="optimizer step (stages end to end)", yscale="log")
     loss_ax.legend()
     for stage in offsets:
-        entries = [e for e in metrics["history"] if e["stage"] == stage]
-        if not entries:
+        points = validation_points(metrics, stage)
+        if not points:
             continue
-        name = next(iter(entries[0]["val"]))
-        steps = [offsets[stage] + e.get("step", e["epoch"]) for e in entries]
-        val_ax.plot(steps, [e["val"][name] for e in entries], marker="o", color=colors[stage], label=f"{stage} {name}")
-    val_ax.set(title="validation", xlabel="optimizer step (stages end to end)")
+        name = next(iter(points[0]["val"]))
+        steps = [offsets[stage] + p["step"] for p in points]
+        val_ax.plot(steps, [p["val"][name] for p in points], color=colors[stage], label=f"{stage} {name}")
+        chose = [p.get("chooses", True) for p in points]  # hollow: a curve point, which keeps no weights
+        for filled in (True, False):
+            xs = [x for x, c in zip(steps, chose) if c == filled]
+            ys = [p["val"][name] for p, c in zip(points, chose) if c == filled]
+            val_ax.scatter(xs, ys, color=colors[stage], facecolors=None if filled else "none", zorder=3)
+    val_ax.set(title="validation (hollow: curve points)", xlabel="optimizer step (stages end to end)")
     val_ax.legend()
     for model in ("teacher", "student"):
         usage = metrics["codebook"][model]
@@ -111,19 +131,6 @@ def plot_run(metrics: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def tensorboard_writer():
-    """TensorBoard's SummaryWriter class; ConfigError when the optional extra is not installed."""
-    from keydistill.errors import ConfigError
-
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "--report-to tensorboard needs the tensorboard package: pip install keydistill[tensorboard]"
-        ) from None
-    return SummaryWriter
-
-
 def write_tensorboard(metrics: dict, folder: str | Path) -> None:
     """The run's curves as TensorBoard events in folder: each stage's loss per optimizer step, and its
     validation metrics at the steps they were measured (the stages end to end, as in the PNG)."""
@@ -133,7 +140,7 @@ def write_tensorboard(metrics: dict, folder: str | Path) -> None:
         for stage, curve in metrics["curves"].items():
             for step, loss in curve:
                 writer.add_scalar(f"{stage}/loss", loss, offsets[stage] + step)
-        for entry in metrics["history"]:
-            step = offsets.get(entry["stage"], 0) + entry.get("step", entry["epoch"])
-            for name, value in entry["val"].items():
-                writer.add_scalar(f"{entry['stage']}/val_{name}", value, step)
+        for stage, offset in offsets.items():
+            for point in validation_points(metrics, stage):
+                for name, value in point["val"].items():
+                    writer.add_scalar(f"{stage}/val_{name}", value, offset + point["step"])

@@ -70,13 +70,16 @@ class Checkpointer:
         self.saved_at = time.perf_counter()
         return state
 
-    def validate(self, state: TrainState) -> dict[str, float]:
+    def validate(self, state: TrainState, chooses: bool = True) -> dict[str, float]:
         """Validate the weights the stage keeps (the average, with --weight-average); keep them when
-        validation improves (ties keep the earlier, cheaper ones)."""
+        validation improves (ties keep the earlier, cheaper ones). chooses=False: a point for the curves
+        only (--curve-points), which keeps nothing."""
         metric = self.run.task.metrics[0]
         with self.average.swapped_in() if self.average is not None else nullcontext():
             val = self.stage.validate()
-            if state.best_val is None or val[metric] > state.best_val[metric]:
+            state.validations.append({"step": state.step, "val": val, "chooses": chooses})
+            self.run.board.validation(self.stage.name, state.step, val)
+            if chooses and (state.best_val is None or val[metric] > state.best_val[metric]):
                 state.best_val, state.best_step = val, state.step
                 if self.run.ranks.main:
                     save_checkpoint(self.best, self.stage.model, {"step": state.step, "val": val})
@@ -95,6 +98,6 @@ class Checkpointer:
         """The best weights back in the model, and the stage's result, recorded as finished."""
         distributed.barrier(f"{self.stage.name}: best checkpoint written")
         load_checkpoint(self.best, self.stage.model)
-        result = {k: getattr(state, k) for k in ("history", "curve", "best_val", "best_step")}
+        result = {k: getattr(state, k) for k in ("history", "curve", "validations", "best_val", "best_step")}
         self.run.finish_stage(self.stage.name, result)
         return result

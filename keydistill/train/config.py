@@ -257,6 +257,13 @@ class TrainConfig:
         min=0,
     )
     eval_every: int = option(0, "extra validation every N optimizer steps (0: once per epoch)", min=0)
+    curve_points: int = option(
+        4,
+        "validation points each stage draws in its curves at least: a stage of fewer epochs also validates within "
+        "them, for the curves only (--eval-every validations choose the kept weights), when it trains on at least "
+        "10x the validation rows; 0: epoch ends only",
+        min=0,
+    )
     device: str = option("auto", DEVICE_HELP + " (under torchrun: each rank its local GPU, or the CPU)")
     report_to: str = option("none", "also write the training curves as TensorBoard events", ("none", "tensorboard"))
     dist_timeout: float = option(
@@ -315,7 +322,15 @@ class TrainConfig:
 
 # Settings that decide how a run is carried out, not what it computes: a resumed run, or a finished one
 # reused, may differ in them.
-CONDUCT = ("resume", "overwrite_output_dir", "checkpoint_every", "checkpoint_seconds", "report_to", "dist_timeout")
+CONDUCT = (
+    "resume",
+    "overwrite_output_dir",
+    "checkpoint_every",
+    "checkpoint_seconds",
+    "report_to",
+    "dist_timeout",
+    "curve_points",
+)
 
 
 def changed_settings(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
@@ -522,7 +537,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _device_problems(cfg.device)
     problems += _own_data_problems(cfg)
     if cfg.report_to == "tensorboard":
-        from keydistill.report import tensorboard_writer
+        from keydistill.train.board import tensorboard_writer
 
         try:
             tensorboard_writer()

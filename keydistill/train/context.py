@@ -24,6 +24,7 @@ from keydistill.data.settings import load_data
 from keydistill.models.classifiers import has_tokenizer, is_checkpoint, read_checkpoint_config
 from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
+from keydistill.train.board import Board
 from keydistill.train.config import (
     BOTTLENECK_DEFAULTS,
     BOTTLENECK_PRESETS,
@@ -61,6 +62,7 @@ class Run:
     progress: dict  # stage name -> result, for finished stages (progress.json)
     ranks: Dist = distributed.SINGLE  # this process's place among the data-parallel ranks
     train_examples: list = field(default_factory=list)  # run.train's texts and labels (for --augment)
+    board: Board = field(default_factory=Board)  # --report-to tensorboard, live (a no-op otherwise)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -115,7 +117,21 @@ def setup(cfg: TrainConfig) -> Run:
     distributed.barrier("output folder ready")  # the other ranks read what rank 0 prepared
     if progress is None:
         progress = read_progress(cfg)
-    return Run(cfg, task, device, tokenizer, teacher.bottleneck, train, val, tests, progress, ranks, data.train)
+    live = cfg.out / "tensorboard" if cfg.report_to == "tensorboard" and ranks.main else None
+    return Run(
+        cfg,
+        task,
+        device,
+        tokenizer,
+        teacher.bottleneck,
+        train,
+        val,
+        tests,
+        progress,
+        ranks,
+        data.train,
+        Board(live, progress),
+    )
 
 
 def report_rows(cfg: TrainConfig, task: GlueTask | FileTask, data: TaskData, train, val, tests) -> None:

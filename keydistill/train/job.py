@@ -69,6 +69,7 @@ def run_all(cfg: TrainConfig) -> dict:
         "codebook": codebook,
         "steps_to_best_val": student_result["best_step"],
         "curves": {name: run.progress[name]["curve"] for name in STAGES if name in run.progress},
+        "validations": {name: run.progress[name].get("validations", []) for name in STAGES if name in run.progress},
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "student_params": sum(p.numel() for p in student.parameters()),
         "inference_examples_per_s": speed,
@@ -78,6 +79,7 @@ def run_all(cfg: TrainConfig) -> dict:
     if run.ranks.main:
         write_json(cfg.out / "metrics.json", metrics)
         plot_run(metrics, cfg.out / "training_curves.png")
+        run.board.close()
         if cfg.report_to == "tensorboard":
             write_tensorboard(metrics, cfg.out / "tensorboard")
         print(summary_table(metrics, run.task.metrics))

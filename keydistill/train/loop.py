@@ -55,6 +55,7 @@ def fit(run: Run, stage: Stage) -> dict:
     total_steps = stage.epochs * math.ceil(math.ceil(len(lengths) / global_batch) / cfg.grad_accum)
     checkpoints = Checkpointer(run, stage, optimizer, average)
     state = checkpoints.restore(TrainState(global_batch))
+    curve_steps = curve_points(cfg.curve_points, total_steps, stage.epochs, len(lengths) * stage.epochs, len(run.val))
     trainer = trainer_for(run, stage.model)
     for epoch in range(state.epoch, stage.epochs):
         batches = length_bucketed_batches(lengths, global_batch, cfg.seed, epoch)
@@ -70,8 +71,11 @@ def fit(run: Run, stage: Stage) -> dict:
                 bar.update(len(batches[i]))
             optimizer_step(run, stage, optimizer, average, learning_rate(cfg, stage.lr, state.step, total_steps))
             state.add_step(*step_loss.across(ranks), next_batch=micro_batches[-1] + 1)
+            run.board.loss(stage.name, state.step, state.curve[-1][1])
             if cfg.eval_every and state.step % cfg.eval_every == 0:
                 checkpoints.validate(state)
+            elif state.step in curve_steps and state.batch < len(batches):  # the epoch's end validates anyway
+                checkpoints.validate(state, chooses=False)
             if checkpoints.due(state.step) and state.batch < len(batches):
                 state.seconds += clock.lap()
                 checkpoints.save_latest(state)
@@ -84,6 +88,15 @@ def fit(run: Run, stage: Stage) -> dict:
         )
         checkpoints.save_latest(state)
     return checkpoints.finish(state)
+
+
+def curve_points(points: int, total_steps: int, epochs: int, examples: int, val_rows: int) -> set[int]:
+    """The steps of a stage's curve-only validations (--curve-points): spread evenly over its steps, so that
+    it shows at least `points` validations, where it has fewer epochs and trains on at least 10x the
+    validation rows (a validation then costs at most about a tenth of the training between two)."""
+    if epochs >= points or examples < 10 * val_rows:
+        return set()
+    return {round(k * total_steps / points) for k in range(1, points)} - {0}
 
 
 # ----------------------------------------------------------------------------------------------------------

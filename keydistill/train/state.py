@@ -34,6 +34,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken in the stage
     history: list[dict] = field(default_factory=list)  # one entry per finished epoch (end_epoch)
     curve: list[list[float]] = field(default_factory=list)  # [step, the step's mean loss] per step
+    # every validation: {"step", "val", "chooses": whether it may choose the kept weights (not a curve point)}
+    validations: list[dict] = field(default_factory=list)
     best_val: dict[str, float] | None = None  # the best validation so far, and the step it came at
     best_step: int | None = None
     sums: dict[str, float] = field(default_factory=dict)  # the epoch's loss terms summed over its examples

@@ -75,13 +75,14 @@ def test_a_record_in_todays_format_loads_and_is_written_back_unchanged():
     assert (state.epoch, state.batch, state.step, state.count) == (1, 3, 7, 16)
     assert state.best_val == {"accuracy": 0.75} and state.best_step == 5
     assert state.history == TODAYS_RECORD["history"] and state.curve == TODAYS_RECORD["curve"]
-    assert state.to_dict() == TODAYS_RECORD
+    assert state.to_dict() == {**TODAYS_RECORD, "validations": []}  # validations: kept since (--curve-points)
 
 
 def test_a_record_from_before_the_global_batch_was_kept_takes_the_runs():
     older = {k: v for k, v in TODAYS_RECORD.items() if k != "global_batch"}
     assert TrainState.from_dict(older, global_batch=32).global_batch == 32
-    assert TrainState.from_dict(older, global_batch=32).to_dict() == {**TODAYS_RECORD, "global_batch": 32}
+    written = {**TODAYS_RECORD, "global_batch": 32, "validations": []}
+    assert TrainState.from_dict(older, global_batch=32).to_dict() == written
 
 
 def make_run(tmp_path, *flags) -> Run:
@@ -166,7 +167,7 @@ def test_a_checkpoint_written_before_train_state_resumes(tmp_path):
     older = {k: v for k, v in TODAYS_RECORD.items() if k != "global_batch"}
     save_checkpoint(saved.latest, saved.stage.model, {"state": older}, saved.optimizer, saved.average.tensors())
     restored = fresh_checkpointer(make_run(tmp_path, "--resume"), make_stage(1)).restore(TrainState(8))
-    assert restored.to_dict() == TODAYS_RECORD
+    assert restored.to_dict() == {**TODAYS_RECORD, "validations": []}
 
 
 def test_resuming_with_another_global_batch_is_refused(tmp_path):
