@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from keydistill.train.board import tensorboard_writer  # noqa: E402
+from keydistill.board import tensorboard_writer  # noqa: E402
 
 
 def summary_table(metrics: dict, metric_names: tuple[str, ...]) -> str:

@@ -537,7 +537,7 @@ def config_problems(cfg: TrainConfig) -> list[str]:
     problems += _device_problems(cfg.device)
     problems += _own_data_problems(cfg)
     if cfg.report_to == "tensorboard":
-        from keydistill.train.board import tensorboard_writer
+        from keydistill.board import tensorboard_writer
 
         try:
             tensorboard_writer()

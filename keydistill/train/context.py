@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, BertConfig
 
+from keydistill.board import Board
 from keydistill.bottleneck import BottleneckConfig
 from keydistill.checkpoint import write_json
 from keydistill.data import CustomDataset, FileTask, GlueTask, TaskData
@@ -24,7 +25,6 @@ from keydistill.data.settings import load_data
 from keydistill.models.classifiers import has_tokenizer, is_checkpoint, read_checkpoint_config
 from keydistill.models.transfer import student_config_from_teacher
 from keydistill.train import distributed
-from keydistill.train.board import Board
 from keydistill.train.config import (
     BOTTLENECK_DEFAULTS,
     BOTTLENECK_PRESETS,
