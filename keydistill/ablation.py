@@ -80,10 +80,18 @@ def parse_sizes(text: str) -> list[int | None]:
 
 
 def check_sizes(base: TrainConfig, sizes: list[int | None]) -> None:
-    """A size above the training rows the task has (after its validation slice) is an error before any work."""
+    """A size above the training rows the task has (after its validation slice), or one too small for k-means
+    to fit the keys of a new cls-pooled teacher (one vector per row), is an error before any work."""
     counted = [n for n in sizes if n is not None]
     if not counted:
         return
+    keys = base.bottleneck_fields()
+    too_small = [n for n in counted if keys["pooling"] == "cls" and n < keys["num_keys"]]
+    if too_small and not base.teacher_checkpoint:
+        raise ConfigError(
+            f"--train-sizes: {', '.join(map(str, too_small))} is fewer rows than the {keys['num_keys']} keys k-means "
+            "fits one vector per row to (use at least that many rows, or lower --num-keys)"
+        )
     data = load_data(dataclasses.replace(base, max_train_samples=None))
     too_large = [n for n in counted if n > len(data.train)]
     if too_large:

@@ -118,6 +118,7 @@ def test_an_interrupted_grid_resumes_where_it_stopped(tiny, tmp_path, monkeypatc
         ("0,500", "'0' is not a row count > 0"),
         ("500,lots", "'lots' is not a row count > 0"),
         ("20,5000", "5000 is more than the 56 training rows"),
+        ("4,20", "4 is fewer rows than the 8 keys k-means fits"),  # tiny_args: --num-keys 8
     ],
 )
 def test_a_bad_train_sizes_is_one_line_before_any_work(tiny, tmp_path, monkeypatch, capsys, sizes, message):
