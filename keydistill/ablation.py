@@ -230,8 +230,12 @@ def plot(summary: list[dict], figure: str, path: Path) -> None:
     )
     score.set(xscale="log", xlabel="training rows", ylabel=f"{figure} (points)", title="student by its keys")
     agreement.set(xscale="log", xlabel="training rows", ylabel="key agreement (%)", title="keys the student shares")
+    sizes = sorted({s["train rows"]["mean"] for s in summary})
     for ax in (score, agreement):
         ax.legend(fontsize=8)
+        ax.set_xticks(sizes)  # the grid's own sizes, not log-scale decades
+        ax.set_xticklabels([f"{n:,.0f}" for n in sizes])
+        ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
