@@ -179,22 +179,47 @@ def summarise(cells: list[dict], figure: str) -> list[dict]:
     return out
 
 
-def markdown(summary: list[dict], figure: str, what_varies: str) -> str:
+PAIRS = (("carry", "fresh"), ("carry", "none"))  # what carrying the keys is measured against
+
+
+def differences(cells: list[dict], figure: str) -> list[dict]:
+    """Per training size, carry's figure minus fresh's and minus none's, seed by seed (a seed's three
+    students share its teacher and rows, so the difference cancels what they share): mean, sd, each seed's."""
+    out = []
+    for size in dict.fromkeys(row["size"] for row in cells):
+        by = {(row["keys"], row["seed"]): row[figure] for row in cells if row["size"] == size}
+        entry: dict = {"size": size}
+        for a, b in PAIRS:
+            per_seed = [{"d": by[a, seed] - by[b, seed]} for (keys, seed) in by if keys == a and (b, seed) in by]
+            entry[f"{a} - {b}"] = aggregate(per_seed, ("d",))["d"] if per_seed else None
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict], diffs: list[dict], figure: str, what_varies: str) -> str:
+    pairs = [f"{a} - {b}" for a, b in PAIRS]
     lines = [
         f"| training rows | teacher {figure} | "
         + " | ".join(f"{k} {figure}" for k in VARIANTS)
+        + " | "
+        + " | ".join(pairs)
         + " | key agreement carry | key agreement fresh |",
-        "|" + "---|" * (len(VARIANTS) + 4),
+        "|" + "---|" * (len(VARIANTS) + len(pairs) + 4),
     ]
-    for size in dict.fromkeys(s["size"] for s in summary):
+    for size, diff in zip(dict.fromkeys(s["size"] for s in summary), diffs):
         by_keys = {s["keys"]: s for s in summary if s["size"] == size}
         rows = by_keys["carry"]["train rows"]["mean"]
         lines.append(
             f"| {rows:.0f} | {shown(by_keys['carry'][f'teacher {figure}'])} | "
             + " | ".join(shown(by_keys[k][figure]) for k in VARIANTS)
+            + " | "
+            + " | ".join(shown(diff[p]) for p in pairs)
             + f" | {shown(by_keys['carry']['key agreement'])} | {shown(by_keys['fresh']['key agreement'])} |"
         )
-    return "\n".join(lines) + f"\n\nFigures in points: the mean ± the standard deviation over seeds. {what_varies}\n"
+    return "\n".join(lines) + (
+        "\n\nFigures in points: the mean ± the standard deviation over seeds; carry - fresh and carry - none are "
+        f"taken seed by seed (the three students of a seed share its teacher). {what_varies}\n"
+    )
 
 
 def cell_table(cells: list[dict]) -> str:
@@ -265,19 +290,19 @@ def run_ablation(base: TrainConfig, cells: list[tuple[str, list[TrainConfig]]]) 
         rows += run_cell(cfgs, label)
     figure = reported_of(rows)
     summary = summarise(rows, figure)
+    diffs = differences(rows, figure)
     what_varies = (
         "The teacher is fixed (--teacher-checkpoint): the seeds vary the students only."
         if base.teacher_checkpoint
         else "Each seed trains its own teacher (shared by its three students) on its own validation slice."
     )
-    table = markdown(summary, figure, what_varies)
+    table = markdown(summary, diffs, figure, what_varies)
     (root / "ablation.md").write_text(table + "\n" + cell_table(rows) + "\n\n" + VARIANT_NOTES)
-    write_json(
-        root / "ablation.json", {"figure": figure, "what_varies": what_varies, "cells": rows, "summary": summary}
-    )
+    result = {"figure": figure, "what_varies": what_varies, "cells": rows, "summary": summary, "differences": diffs}
+    write_json(root / "ablation.json", result)
     plot(summary, figure, root / "ablation.png")
     print(table)
-    return {"cells": rows, "summary": summary}
+    return {"cells": rows, "summary": summary, "differences": diffs}
 
 
 DESCRIPTION = (

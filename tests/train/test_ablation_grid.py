@@ -30,6 +30,17 @@ def test_seeds_aggregate_to_numpys_mean_and_sample_sd():
     assert shown(aggregate([{"acc": 0.5}], ("acc",))["acc"]) == "50.0" and shown(None) == "n/a"
 
 
+def test_carry_is_compared_seed_by_seed_with_fresh_and_none():
+    scores = {("carry", 0): 0.80, ("fresh", 0): 0.78, ("none", 0): 0.81, ("carry", 1): 0.70, ("fresh", 1): 0.71}
+    cells = [{"size": 500, "keys": k, "seed": s, "test accuracy": v} for (k, s), v in scores.items()]
+    (diff,) = ablation.differences(cells, "test accuracy")
+    paired = np.array([0.80 - 0.78, 0.70 - 0.71])  # seed by seed, not the difference of the means' spreads
+    assert diff["carry - fresh"]["mean"] == pytest.approx(paired.mean())
+    assert diff["carry - fresh"]["sd"] == pytest.approx(paired.std(ddof=1))
+    assert diff["carry - none"]["seeds"] == pytest.approx([0.80 - 0.81])  # seed 1 has no none run
+    assert diff["size"] == 500
+
+
 def fake_metrics(cfg) -> dict:
     """What run_all returns, with figures that tell the runs apart."""
     score = 0.5 + 0.01 * cfg.seed + (cfg.max_train_samples or 100) / 1000 + 0.001 * ablation.VARIANTS.index(cfg.keys)
@@ -85,7 +96,8 @@ def test_the_grid_runs_each_size_seed_and_variant_once_with_one_teacher_per_cell
     assert carry_10["test accuracy"]["seeds"] == want
     assert carry_10["test accuracy"]["sd"] == pytest.approx(np.std(want, ddof=1))
     table = (tmp_path / "ablation.md").read_text()
-    assert "| 10 |" in table and "| 56 |" in table and " ± " in table
+    assert "| 10 |" in table and "| 56 |" in table and " ± " in table and "carry - fresh" in table
+    assert [d["carry - none"]["mean"] for d in result["differences"]] == pytest.approx([-0.002] * 3)
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
