@@ -40,7 +40,10 @@ DESCRIPTION = (
 
 def build_parser() -> Parser:
     parser = Parser(
-        prog="python -m keydistill.export", description=paragraphs(DESCRIPTION), formatter_class=HelpFormatter
+        prog="python -m keydistill.export",
+        usage="%(prog)s MODEL --onnx FILE [options]",
+        description=paragraphs(DESCRIPTION),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="a model folder written by keydistill (e.g. runs/sst2/student)")
     parser.add_argument("--onnx", required=True, help="the ONNX file to write")

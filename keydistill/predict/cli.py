@@ -70,6 +70,7 @@ def add_column_flags(parser: Parser) -> None:
 def build_parser() -> Parser:
     parser = Parser(
         prog="python -m keydistill.predict",
+        usage="%(prog)s MODEL [options]",
         description=paragraphs(DESCRIPTION),
         formatter_class=HelpFormatter,
         aliases={"--per-device-eval-batch-size": "--batch-size", "--max-seq-length": "--max-length"},
