@@ -21,8 +21,6 @@ RECIPES: dict[str, Recipe] = {
         ("epochs", 6),  # the task distillation hurts most: validation MCC still rose from 3 to 6 epochs
         ("soft_temperature", 1.0),  # lets the KD loss reach the student's encoder through the lookup ...
         ("straight_through", True),  # ... while the forward pass stays the hard lookup (best val MCC)
-        ("weight_average", 0.995),  # keep the average of about the last 200 steps: test MCC rose on 3 seeds
-        ("attention_weight", 1.0),  # MiniLM's attention transfer: a higher mean and floor over 7 seeds
         *LAYERS,
     ),
     # The main job: every row, one epoch each (a second student epoch on fewer rows scored lower).
