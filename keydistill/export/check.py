@@ -19,6 +19,7 @@ from keydistill.data import compute_metrics
 from keydistill.data.settings import load_data
 from keydistill.predict.inputs import InputRows, labels_fit, read_inputs
 from keydistill.predict.onnx_predictor import OnnxPredictor
+from keydistill.train.config import FIELDS
 
 
 def check_rows(
@@ -37,11 +38,11 @@ def check_rows(
     return rows, f"the run's {data.task.name} validation rows"
 
 
-DATA_FIELDS = {
-    "task": None, "data_dir": None, "val_size": None, "seed": 0, "max_eval_samples": None, "skip_bad_rows": False,
-    "train_file": None, "validation_file": None, "test_file": None, "text_columns": None, "label_column": "label",
-    "label_names": None, "regression": False,
-}  # fmt: skip
+# The settings load_data reads; a run saved before one of them existed ran at its default (TrainConfig's).
+DATA_FIELDS = (
+    "task", "data_dir", "val_size", "seed", "max_eval_samples", "skip_bad_rows", "train_file", "validation_file",
+    "test_file", "text_columns", "label_column", "label_names", "regression",
+)  # fmt: skip
 
 
 def _run_settings(folder: Path) -> SimpleNamespace | None:
@@ -57,7 +58,7 @@ def _run_settings(folder: Path) -> SimpleNamespace | None:
     if not local or not Path(local).exists():
         return None
     return SimpleNamespace(
-        **{name: saved.get(name, default) for name, default in DATA_FIELDS.items()}, max_train_samples=None
+        **{name: saved.get(name, FIELDS[name].default) for name in DATA_FIELDS}, max_train_samples=None
     )
 
 
