@@ -3,6 +3,7 @@ validation slice, bad-row handling, DataError)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,7 +23,16 @@ class TaskData:
     val: list[Example]
     test: dict[str, list[Example]]  # split name -> examples; the first is the primary test split (may be none)
     skipped_rows: int = 0  # bad rows dropped under skip_bad_rows=True
-    origin: str = ""  # where val and test came from, for the run's log
+    val_origin: str = ""  # where val came from, for the run's log
+    test_origin: str = ""  # where test came from, or why there is none
+
+    @property
+    def origin(self) -> str:
+        return f"{self.val_origin}; {self.test_origin}"
+
+    def without_test(self) -> TaskData:
+        """The splits with the test split left out (--no-test): the run reports validation in its place."""
+        return dataclasses.replace(self, test={}, test_origin="--no-test: no test stage, validation is reported")
 
 
 SKIP_HINT = " (pass --skip-bad-rows to drop such rows and report their count)"

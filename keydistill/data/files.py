@@ -353,8 +353,9 @@ def load_files(
         train_rows, val = hold_out(examples, val_size, seed, max_train_samples, task.name)
         val = val[slice(max_eval_samples)]
     origin = f"val from {validation}" if validation else f"val held out of {train}{'' if val_size else ', ' + VAL_RULE}"
-    origin += f"; test from {test}" if test else "; no test file: no test stage, validation is reported"
-    return TaskData(task, train_rows, val, {"test": splits["test"]} if test else {}, errors.skipped, origin)
+    test_origin = f"test from {test}" if test else "no test file: no test stage, validation is reported"
+    tests = {"test": splits["test"]} if test else {}
+    return TaskData(task, train_rows, val, tests, errors.skipped, origin, test_origin)
 
 
 def read_for_model(

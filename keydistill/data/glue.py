@@ -195,5 +195,6 @@ def load_task(
     train, test, skipped = load_local(task, data_dir, skip_bad_rows) if data_dir else load_hub(task)
     train, val = hold_out(train, val_size, seed, max_train_samples, task.name)
     cap = slice(max_eval_samples)
-    origin = f"val held out of GLUE train{'' if val_size else ', ' + VAL_RULE}; test is GLUE dev"
-    return TaskData(task, train, val[cap], {name: rows[cap] for name, rows in test.items()}, skipped, origin)
+    origin = f"val held out of GLUE train{'' if val_size else ', ' + VAL_RULE}"
+    test = {name: rows[cap] for name, rows in test.items()}
+    return TaskData(task, train, val[cap], test, skipped, origin, "test is GLUE dev")

@@ -12,7 +12,8 @@ from keydistill.data.glue import get_task, load_task
 
 
 def load_data(settings) -> TaskData:
-    """The run's task and splits: your own files (settings.train_file), or a GLUE task."""
+    """The run's task and splits: your own files (settings.train_file), or a GLUE task; without its test split
+    when settings.test is false (--no-test)."""
     common = {
         "val_size": settings.val_size,
         "seed": settings.seed,
@@ -20,6 +21,11 @@ def load_data(settings) -> TaskData:
         "max_eval_samples": settings.max_eval_samples,
         "skip_bad_rows": settings.skip_bad_rows,
     }
+    data = _load(settings, common)
+    return data if settings.test or not data.test else data.without_test()
+
+
+def _load(settings, common: dict) -> TaskData:
     if not settings.train_file:
         return load_task(get_task(settings.task), settings.data_dir, **common)
     return load_files(

@@ -41,7 +41,7 @@ def check_rows(
 # The settings load_data reads; a run saved before one of them existed ran at its default (TrainConfig's).
 DATA_FIELDS = (
     "task", "data_dir", "val_size", "seed", "max_eval_samples", "skip_bad_rows", "train_file", "validation_file",
-    "test_file", "text_columns", "label_column", "label_names", "regression",
+    "test_file", "text_columns", "label_column", "label_names", "regression", "test",
 )  # fmt: skip
 
 

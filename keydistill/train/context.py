@@ -96,9 +96,6 @@ def setup(cfg: TrainConfig) -> Run:
             f"x {cfg.grad_accum} accumulation = {cfg.batch_size * ranks.world * cfg.grad_accum} examples per step"
         )
     data = load_data(cfg)
-    if not cfg.test and data.test:  # the test split stays unread: the job reports validation in its place
-        origin = data.origin.split("; test is")[0] + "; --no-test: no test stage, validation is reported"
-        data = dataclasses.replace(data, test={}, origin=origin)
     task = data.task
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher.tokenizer)

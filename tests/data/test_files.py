@@ -1,12 +1,15 @@
 """keydistill.data.files: your own TSV, CSV, JSON lines and Parquet files as a task (columns, labels, splits,
 metrics), and every bad input named by file, line and column."""
 
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 
 from keydistill.data import CustomDataset, DataError, Example, compute_metrics, default_val_size, load_files
+from keydistill.data.settings import load_data
+from keydistill.train import TrainConfig
 from tests.helpers.own_data import FORMATS, labelled_rows, write_rows
 
 
@@ -232,3 +235,17 @@ def test_custom_dataset_takes_plain_rows(tmp_path):
         CustomDataset([("good", 1), ("a", "b", 3)], tokenizer, max_length=16)
     with pytest.raises(ValueError, match="example 1 has 2 text"):  # zip would drop the pair's second sentence
         CustomDataset([("good", 1), (("good film", "fun plot"), 0)], tokenizer, max_length=16)
+
+
+def test_no_test_leaves_the_test_split_out_and_says_why(tmp_path):
+    rows = labelled_rows(300, ["a", "b"])
+    train = write_rows(tmp_path / "t.tsv", ["text", "label"], rows)
+    test = write_rows(tmp_path / "test.csv", ["text", "label"], rows[:9])
+    settings = TrainConfig(train_file=str(train), test_file=str(test))
+    data = load_data(settings)
+    assert len(data.test["test"]) == 9 and data.origin.endswith(f"; test from {test}")
+    held_out = load_data(dataclasses.replace(settings, test=False))
+    assert held_out.test == {} and held_out.val == data.val and held_out.train == data.train
+    assert held_out.origin == f"{data.val_origin}; --no-test: no test stage, validation is reported"
+    no_file = load_data(dataclasses.replace(settings, test=False, test_file=None))
+    assert no_file.origin.endswith("; no test file: no test stage, validation is reported")
