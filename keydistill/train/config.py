@@ -330,6 +330,7 @@ CONDUCT = (
     "report_to",
     "dist_timeout",
     "curve_points",
+    "output_dir",  # where the run's folder is: a folder moved elsewhere holds the same run
 )
 
 

@@ -275,16 +275,29 @@ def previous_run(cfg: TrainConfig) -> list[str]:
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    """Never lose a run: a folder holding one is refused before any work, unless the flags say what to do."""
-    if cfg.resume or cfg.overwrite_output_dir:
+    """Never lose a run: a folder holding one is refused before any work, unless the flags say what to do;
+    --resume only continues a run of the same settings."""
+    found = [] if cfg.overwrite_output_dir else previous_run(cfg)
+    changed = settings_changed_since(cfg) if found else {}
+    if not found or (cfg.resume and not changed):
         return
-    found = previous_run(cfg)
-    if found:
-        state = "a finished run" if "metrics.json" in found else "an interrupted run"
+    state = "a finished run" if "metrics.json" in found else "an interrupted run"
+    if changed:
         raise ConfigError(
-            f"--output-dir {cfg.out} holds {state} ({', '.join(found)}): continue it with --resume, replace it "
-            "with --overwrite-output-dir, or choose another --output-dir"
+            f"--output-dir {cfg.out} holds {state} whose settings differ ("
+            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            + "): replace it with --overwrite-output-dir, or choose another --output-dir"
         )
+    raise ConfigError(
+        f"--output-dir {cfg.out} holds {state} ({', '.join(found)}): continue it with --resume, replace it "
+        "with --overwrite-output-dir, or choose another --output-dir"
+    )
+
+
+def settings_changed_since(cfg: TrainConfig) -> dict[str, tuple]:
+    """The settings in which cfg differs from the run saved in its output folder (none saved: none)."""
+    saved = cfg.out / "config.json"
+    return changed_settings(json.loads(saved.read_text()), cfg) if saved.exists() else {}
 
 
 def prepare_output_dir(cfg: TrainConfig) -> dict:
@@ -293,13 +306,7 @@ def prepare_output_dir(cfg: TrainConfig) -> dict:
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
-    if cfg.resume and saved.exists():
-        changed = changed_settings(json.loads(saved.read_text()), cfg)
-        if changed:
-            raise ConfigError(
-                f"--resume with settings that differ from {saved}: "
-                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            )
+    if cfg.resume and saved.exists():  # of the same settings (check_output_dir)
         return read_progress(cfg)
     stale = previous_run(cfg)  # only with --overwrite-output-dir (check_output_dir)
     if stale:

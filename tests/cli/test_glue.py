@@ -172,8 +172,8 @@ def test_task_singular_is_one_line_not_ignored(monkeypatch, capsys, tmp_path):
 
 
 def test_resume_starts_afresh_a_task_whose_old_run_had_other_settings(monkeypatch, tmp_path):
-    """--resume continues an interrupted task; a folder holding a run with other settings (e.g. from before a
-    recipe change) starts afresh instead of failing on '--resume with settings that differ'."""
+    """--resume continues an interrupted task of the same settings only; one of other settings (e.g. from
+    before a recipe change) is not resumed (the runner then refuses its folder, naming the settings)."""
     import dataclasses
 
     old = glue.task_config(["--output-dir", str(tmp_path), "--epochs", "1"], "rte")

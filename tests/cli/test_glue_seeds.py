@@ -1,11 +1,13 @@
 """python -m keydistill.glue --seeds N: each task run N times, the table in mean ± sd, every seed in the JSON."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from keydistill import glue
+from keydistill.checkpoint import write_json
 from keydistill.data import TASKS
 from tests.helpers.train_fixtures import tiny_args
 
@@ -35,9 +37,11 @@ def fake_metrics(cfg) -> dict:
 def fake_runs(monkeypatch):
     calls = []
 
-    def run_all(cfg):
+    def run_all(cfg):  # writes what a finished run leaves for the runner to find
         calls.append(cfg)
         cfg.out.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.out / "config.json", dataclasses.asdict(cfg))
+        write_json(cfg.out / "metrics.json", fake_metrics(cfg))
         return fake_metrics(cfg)
 
     monkeypatch.setattr(glue, "run_all", run_all)
@@ -100,3 +104,21 @@ def test_no_test_is_a_usage_error_before_any_task(tiny, tmp_path, fake_runs, cap
     assert glue.main(tiny_args(tiny, tmp_path / "out", "--tasks", "sst2", "--no-test")) == 2
     assert "--test/--no-test: the GLUE table is of test figures" in capsys.readouterr().err
     assert fake_runs == [] and not (tmp_path / "out").exists()
+
+
+def test_resume_into_a_run_of_other_settings_names_them_before_any_task(tiny, tmp_path, fake_runs, capsys):
+    """--resume continues runs of the same settings; a task folder holding one of other settings is refused
+    with the settings that differ (not told to pass the --resume it was given)."""
+    assert glue.main(tiny_args(tiny, tmp_path, "--tasks", "sst2", "--epochs", "1")) == 0
+    assert glue.main(tiny_args(tiny, tmp_path, "--tasks", "sst2", "--epochs", "2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run whose settings differ (epochs: 1 -> 2)" in err and "with --resume" not in err
+    assert len(fake_runs) == 1
+
+
+def test_a_moved_run_folder_is_the_same_run(tiny, tmp_path, fake_runs):
+    """Where the folder lies is not a setting: a finished task moved elsewhere is reused there."""
+    assert glue.main(tiny_args(tiny, tmp_path / "first", "--tasks", "sst2")) == 0
+    (tmp_path / "first").rename(tmp_path / "moved")
+    assert glue.main(tiny_args(tiny, tmp_path / "moved", "--tasks", "sst2")) == 0
+    assert len(fake_runs) == 1

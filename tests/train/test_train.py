@@ -170,7 +170,8 @@ def test_resume_refuses_changed_settings(sst2_run, tiny, capsys):
     from keydistill.train import main
 
     assert main(tiny_args(tiny, sst2_run[0], "--resume", "--lr", "0.5")) == 2
-    assert "differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "whose settings differ (lr: " in err and "-> 0.5)" in err and "--overwrite-output-dir" in err
 
 
 def test_fidelity_is_the_share_of_same_predictions_or_the_score_correlation(seed):
@@ -207,6 +208,7 @@ def test_how_a_run_is_conducted_is_not_a_changed_setting():
         "checkpoint_seconds": 5.0,
         "dist_timeout": 1.0,
         "resume": True,
+        "output_dir": "a/folder/since/moved",
     }
     assert changed_settings(saved, cfg) == {}
     assert changed_settings({**saved, "eval_every": 3}, cfg) == {"eval_every": (3, 0)}  # it picks the best
