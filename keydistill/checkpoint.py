@@ -14,17 +14,28 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from keydistill.errors import RunError
 
 _RECORD = "record"  # safetensors metadata key holding the JSON record
 
 
 def _replace_atomically(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:  # durable before it becomes visible under the real name
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:  # durable before it becomes visible under the real name
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a full disk, above all: one line, not a traceback
+        tmp.unlink(missing_ok=True)  # a torn temporary file only holds space
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RunError(
+            f"cannot write {path}: {reason}. The file it replaces is intact: free space (or fix the folder) "
+            "and run the same command with --resume to continue"
+        ) from e
 
 
 def write_json(path: str | Path, data) -> None:

@@ -14,7 +14,7 @@ import torch
 from keydistill import checkpoint
 from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model, student_from_teacher
 from keydistill.report import summary_table
-from keydistill.train import TrainConfig, build_parser, parse_config, run_all
+from keydistill.train import RunError, TrainConfig, build_parser, parse_config, run_all
 from keydistill.train.config import changed_settings
 from tests.helpers.train_fixtures import REPO, tiny_args
 
@@ -229,3 +229,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     restored = torch.nn.Linear(3, 2)
     assert checkpoint.load_checkpoint(path, restored)["step"] == 1
     assert torch.equal(restored.weight, model.weight)
+
+
+def test_a_full_disk_is_one_error_naming_the_file_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "latest.safetensors"
+    checkpoint.save_checkpoint(path, model, {"step": 1})
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(RunError, match=f"cannot write {path}: .*No space left on device.*--resume"):
+        checkpoint.save_checkpoint(path, torch.nn.Linear(3, 2), {"step": 2})
+    assert checkpoint.load_checkpoint(path, torch.nn.Linear(3, 2))["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.safetensors"]  # no torn .tmp left behind
+    with pytest.raises(RunError, match="cannot write .*metrics.json: No such file or directory"):
+        checkpoint.write_json(tmp_path / "gone" / "metrics.json", {})
