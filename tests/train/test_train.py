@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from keydistill import checkpoint
 from keydistill.models import BertWithKeyBottleneck, DistilBertWithKeyBottleneck, load_model, student_from_teacher
@@ -214,38 +215,35 @@ def test_how_a_run_is_conducted_is_not_a_changed_setting():
     assert changed_settings({**saved, "eval_every": 3}, cfg) == {"eval_every": (3, 0)}  # it picks the best
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+@pytest.mark.parametrize(
+    "failure, raised, message",
+    [
+        (KeyboardInterrupt(), KeyboardInterrupt, None),  # killed mid-write
+        (SafetensorError(FULL_DISK), RunError, "cannot write .*latest.safetensors: .*No space left.*--resume"),
+    ],
+)
+def test_a_checkpoint_write_that_fails_leaves_the_old_one(tmp_path, monkeypatch, failure, raised, message):
     model = torch.nn.Linear(3, 2)
     path = tmp_path / "latest.safetensors"
     checkpoint.save_checkpoint(path, model, {"step": 1})
 
     def torn_write(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")
-        raise KeyboardInterrupt  # killed mid-write
+        raise failure
 
     monkeypatch.setattr(checkpoint, "save_file", torn_write)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(raised, match=message):
         checkpoint.save_checkpoint(path, torch.nn.Linear(3, 2), {"step": 2})
     restored = torch.nn.Linear(3, 2)
     assert checkpoint.load_checkpoint(path, restored)["step"] == 1
     assert torch.equal(restored.weight, model.weight)
+    if raised is RunError:  # a full disk: the torn temporary file is removed
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.safetensors"]
 
 
-def test_a_full_disk_is_one_error_naming_the_file_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
-    from safetensors import SafetensorError
-
-    model = torch.nn.Linear(3, 2)
-    path = tmp_path / "latest.safetensors"
-    checkpoint.save_checkpoint(path, model, {"step": 1})
-
-    def full_disk(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(RunError, match=f"cannot write {path}: .*No space left on device.*--resume"):
-        checkpoint.save_checkpoint(path, torch.nn.Linear(3, 2), {"step": 2})
-    assert checkpoint.load_checkpoint(path, torch.nn.Linear(3, 2))["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.safetensors"]  # no torn .tmp left behind
+def test_a_json_write_that_fails_is_one_error_naming_the_file(tmp_path):
     with pytest.raises(RunError, match="cannot write .*metrics.json: No such file or directory"):
         checkpoint.write_json(tmp_path / "gone" / "metrics.json", {})
