@@ -4,7 +4,7 @@ Every file is written atomically (keydistill.checkpoint), so a kill lands betwee
 checkpoint holds all a resumed run needs (weights, optimizer, RNG, weight average, TrainState); the best one
 holds the weights validation liked best with their own score and step, which are the truth about "best" on
 resume (the latest checkpoint's copy may be older). A stage is marked finished in progress.json only after
-its best checkpoint exists.
+its best checkpoint exists; its latest checkpoint is deleted after that, so a finished run keeps the best ones.
 """
 
 from __future__ import annotations
@@ -95,9 +95,13 @@ class Checkpointer:
         self.saved_at = time.perf_counter()
 
     def finish(self, state: TrainState) -> dict:
-        """The best weights back in the model, and the stage's result, recorded as finished."""
+        """The best weights back in the model, and the stage's result, recorded as finished; then the latest
+        checkpoint goes: a finished stage resumes from its best one, and the latest's optimizer state is most of
+        a run's disk. A kill before the unlink leaves it, unread."""
         distributed.barrier(f"{self.stage.name}: best checkpoint written")
         load_checkpoint(self.best, self.stage.model)
         result = {k: getattr(state, k) for k in ("history", "curve", "validations", "best_val", "best_step")}
         self.run.finish_stage(self.stage.name, result)
+        if self.run.ranks.main:
+            self.latest.unlink(missing_ok=True)
         return result

@@ -2,6 +2,7 @@
 and checkpoints that survive a kill between any two writes."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from keydistill.bottleneck import BottleneckConfig
 from keydistill.losses import DistillationWeights, distillation_loss, hidden_state_loss, relation_loss
 from keydistill.models import BertWithKeyBottleneck
 from keydistill.train import distributed, parse_config, run_all
-from keydistill.train.checkpointer import checkpoint_due
+from keydistill.train.checkpointer import Checkpointer, checkpoint_due
 from keydistill.train.distributed import Dist
 from keydistill.train.loop import accumulation_weights, param_groups, token_scale
 from tests.helpers.train_fixtures import tiny_args
@@ -147,6 +148,8 @@ def test_a_kill_between_any_two_writes_resumes_to_the_same_result(tiny, teacher_
     monkeypatch.setattr(checkpoint, "_replace_atomically", counting)
     whole = run_all(parse_config(tiny_args(tiny, tmp_path / "whole", *args)))
     assert {"student.best.safetensors", "student.latest.safetensors", "progress.json"} <= set(written)
+    # the finished stage drops its resumable state: a finished run keeps its best weights only
+    assert [p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()] == ["student.best.safetensors"]
 
     for kill_after in range(1, len(written)):
         out = tmp_path / f"killed_after_{kill_after}"
@@ -286,7 +289,7 @@ def test_weight_average_follows_the_weights_and_swaps_back(seed):
     assert all(torch.equal(a, b) for a, b in zip(again.average, average.average))
 
 
-def test_the_student_kept_is_the_weight_average_and_training_is_unchanged(tiny, teacher_dir, tmp_path):
+def test_the_student_kept_is_the_weight_average_and_training_is_unchanged(tiny, teacher_dir, tmp_path, monkeypatch):
     """With --weight-average the validated and saved student is the average of its weights (one validation,
     so the best is the last), while the optimizer trains exactly as without it."""
     from safetensors.torch import load_file
@@ -295,9 +298,16 @@ def test_the_student_kept_is_the_weight_average_and_training_is_unchanged(tiny, 
 
     args = ["--teacher-checkpoint", teacher_dir, "--epochs", "1"]
     plain = run_all(parse_config(tiny_args(tiny, tmp_path / "plain", *args)))
+    last_state, finish = tmp_path / "last_state.safetensors", Checkpointer.finish
+
+    def keeping_the_last_state(self, state):  # the latest checkpoint, which a finished stage deletes
+        shutil.copy(self.latest, last_state)
+        return finish(self, state)
+
+    monkeypatch.setattr(Checkpointer, "finish", keeping_the_last_state)
     averaged = run_all(parse_config(tiny_args(tiny, tmp_path / "averaged", *args, "--weight-average", "0.5")))
     assert averaged["curves"]["student"] == plain["curves"]["student"]  # training is not touched
-    latest = load_file(str(tmp_path / "averaged" / "checkpoints" / "student.latest.safetensors"))
+    latest = load_file(str(last_state))
     student = load_model(tmp_path / "averaged" / "student")
     # the trained parameters, in order: all but the frozen word embeddings
     names = [n for n, _ in student.named_parameters() if n != "encoder.embeddings.word_embeddings.weight"]
