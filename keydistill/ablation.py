@@ -223,12 +223,14 @@ def markdown(summary: list[dict], diffs: list[dict], figure: str, what_varies: s
 
 
 def cell_table(cells: list[dict]) -> str:
-    def cell(value):
-        return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+    def cell(key, value):
+        if value is None:  # a size of None is --train-sizes all; elsewhere None is a figure the run has not
+            return "all" if key == "size" else "n/a"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     header = list(cells[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(row[k]) for k in header) + " |" for row in cells]
+    lines += ["| " + " | ".join(cell(k, row[k]) for k in header) + " |" for row in cells]
     return "\n".join(lines)
 
 

@@ -97,6 +97,9 @@ def test_the_grid_runs_each_size_seed_and_variant_once_with_one_teacher_per_cell
     assert carry_10["test accuracy"]["sd"] == pytest.approx(np.std(want, ddof=1))
     table = (tmp_path / "ablation.md").read_text()
     assert "| 10 |" in table and "| 56 |" in table and " ± " in table and "carry - fresh" in table
+    lines = table.splitlines()
+    runs = lines[lines.index(next(line for line in lines if line.startswith("| keys |"))) + 2 :][:18]
+    assert [run.split(" | ")[-1] for run in runs] == [f"{n} |" for n in (10, 20, "all") for _ in range(6)]
     assert [d["carry - none"]["mean"] for d in result["differences"]] == pytest.approx([-0.002] * 3)
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
